@@ -1,0 +1,1 @@
+"""Command line and apps (imported as ``stream_runtime.apps``)."""

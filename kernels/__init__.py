@@ -1,0 +1,1 @@
+"""Triton kernels, each beside a naive fp32 PyTorch reference (imported as ``stream_runtime.kernels``)."""

@@ -1,0 +1,1 @@
+"""Model pipelines (imported as ``stream_runtime.pipelines``)."""

@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+# One place for tolerances per dtype (STYLE.md): (atol, rtol).
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0):
+    """Compare with the tolerance of ``dtype`` (default: ``expected``'s dtype), optionally loosened by ``scale``."""
+    atol, rtol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol * scale)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
