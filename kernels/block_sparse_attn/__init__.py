@@ -1,0 +1,1 @@
+"""Block-sparse flash attention forward (Triton) with an fp32 reference."""

@@ -1,0 +1,1 @@
+"""Radial block tables for streaming attention against a sink + window cache."""

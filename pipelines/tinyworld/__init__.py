@@ -1,0 +1,1 @@
+"""The tiny-world: a procedural video world, its captions and an OpenCV evaluator."""

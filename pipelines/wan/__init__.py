@@ -1,0 +1,1 @@
+"""Causal Wan2.1 streaming pipeline (transformer, VAE, text encoder, loaders)."""

@@ -1,0 +1,1 @@
+"""Streaming ingest: sources, exact keyframe-parallel decode, frame sampling."""
