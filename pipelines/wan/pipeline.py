@@ -1,0 +1,269 @@
+"""``StreamPipeline``: the loaded components (causal Wan transformer, Wan VAE, UMT5 text encoder, tokenizer) and
+the entry point for streaming sessions.
+
+Folder layout (diffusers' ``WanPipeline`` layout, so ``Wan2.1-T2V-1.3B-Diffusers`` loads as is)::
+
+    model_index.json  transformer/  vae/  text_encoder/  tokenizer/  [stream_runtime.json]
+
+``stream_runtime.json`` (optional) holds this runtime's defaults for the folder: resolution, stream settings,
+prompt length and the unknown-word policy. The transformer may come from an original-format causal checkpoint
+instead (Self-Forcing, CausVid, LongLive + LoRA, StreamDiffusionV2): ``transformer_checkpoint=...``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import asdict, fields
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+from stream_runtime.config import StreamConfig, check_resolution, text_to_video_config, video_to_video_config
+
+from . import presets
+from .text import PromptEncoder, build_word_tokenizer
+from .transformer import StreamingWanTransformer
+from .vae_stream import tiny_vae_config
+
+RUNTIME_FILE = "stream_runtime.json"
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+MODES = ("t2v", "v2v")
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class StreamPipeline:
+    """Loaded model components plus defaults; opens :class:`~stream_runtime.pipelines.wan.session.StreamSession`.
+
+    Example::
+
+        pipe = StreamPipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", device="cuda",
+                                              transformer_checkpoint="self_forcing_dmd.pt")
+        with pipe.session(prompt="a fox running in snow", seed=0) as s:
+            for frames in s:            # uint8 [T, H, W, 3] per chunk
+                ...
+    """
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        vae: AutoencoderKLWan,
+        text_encoder: UMT5EncoderModel,
+        tokenizer,
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
+        if transformer.config.in_channels != vae.config.z_dim:
+            raise ValueError(
+                f"transformer in_channels ({transformer.config.in_channels}) must equal the VAE's z_dim "
+                f"({vae.config.z_dim})"
+            )
+        if transformer.config.text_dim != text_encoder.config.d_model:
+            raise ValueError(
+                f"transformer text_dim ({transformer.config.text_dim}) must equal the text encoder's d_model "
+                f"({text_encoder.config.d_model})"
+            )
+        self.transformer = transformer
+        self.net = StreamingWanTransformer(transformer)
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.defaults = dict(defaults or {})
+        self.prompts = PromptEncoder(
+            tokenizer,
+            text_encoder,
+            max_tokens=int(self.defaults.get("max_text_tokens", 512)),
+            unknown_words=self.defaults.get("unknown_words", "ignore"),
+        )
+
+    # -- geometry
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per patch side: the VAE's spatial factor times the transformer's patch size (16 for Wan2.1)."""
+        return self.vae.config.scale_factor_spatial * self.transformer.config.patch_size[1]
+
+    @property
+    def temporal_factor(self) -> int:
+        return self.vae.config.scale_factor_temporal
+
+    @property
+    def default_resolution(self) -> tuple[int, int]:
+        return int(self.defaults.get("height", 480)), int(self.defaults.get("width", 832))
+
+    def stream_config(self, mode: str = "t2v", **overrides) -> StreamConfig:
+        """The folder's stream settings for ``mode`` with ``overrides`` applied."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        saved = dict(self.defaults.get(f"stream_{mode}", {}))
+        saved.update(overrides)
+        if "timesteps" in saved:
+            saved["timesteps"] = tuple(saved["timesteps"])
+        if "motion_strength_range" in saved:
+            saved["motion_strength_range"] = tuple(saved["motion_strength_range"])
+        return text_to_video_config(**saved) if mode == "t2v" else video_to_video_config(**saved)
+
+    def check_resolution(self, height: int, width: int) -> None:
+        check_resolution(height, width, self.spatial_factor)
+
+    # -- sessions
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Prompt embeddings ``[1, max_tokens, text_dim]`` (cached per prompt)."""
+        return self.prompts(prompt)
+
+    def session(
+        self,
+        prompt: str,
+        seed: int = 0,
+        mode: str = "t2v",
+        height: int | None = None,
+        width: int | None = None,
+        config: StreamConfig | None = None,
+        **overrides,
+    ):
+        """Open a stream. ``config`` replaces the folder's stream settings; ``overrides`` change single fields
+        (``chunk_frames=1``, ``position_mode="bounded"``, ...)."""
+        from .session import StreamSession
+
+        if config is None:
+            config = self.stream_config(mode, **overrides)
+        elif overrides:
+            config = config.replace(**overrides)
+        dh, dw = self.default_resolution
+        return StreamSession(self, prompt, seed, mode, height or dh, width or dw, config)
+
+    # -- loading and saving
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | pathlib.Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        transformer_checkpoint: str | pathlib.Path | None = None,
+        lora: str | pathlib.Path | None = None,
+        lora_scale: float = 1.0,
+    ) -> StreamPipeline:
+        """Load a diffusers-layout folder; optionally take the transformer from an original-format causal
+        checkpoint file (with a LoRA merged on load, e.g. LongLive).
+
+        ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU.
+        """
+        root = pathlib.Path(path)
+        if not root.is_dir():
+            hint = ""
+            if root.is_file():
+                hint = (
+                    " A single checkpoint file holds only the transformer: pass the Wan2.1 diffusers folder as path "
+                    "and the file as transformer_checkpoint (CLI: --model FOLDER --checkpoint FILE)."
+                )
+            raise ValueError(f"path must be a model folder with model_index.json, got {str(root)!r}.{hint}")
+        missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+        if transformer_checkpoint is not None and "transformer" in missing:
+            missing.remove("transformer")
+        if missing:
+            raise ValueError(f"model folder {str(root)!r} lacks the component folders {missing}")
+        if lora is not None and transformer_checkpoint is None:
+            raise ValueError("lora is merged into an original-format checkpoint: pass transformer_checkpoint too")
+        device = torch.device(device)
+        dtype = dtype or _default_dtype(device)
+
+        if transformer_checkpoint is not None:
+            from .convert import load_causal_wan_transformer
+
+            config = None
+            if (root / "transformer" / "config.json").is_file():
+                config = WanTransformer3DModel.load_config(root / "transformer")
+            transformer = load_causal_wan_transformer(
+                transformer_checkpoint, config=config, lora_path=lora, lora_scale=lora_scale, dtype=dtype
+            )
+        else:
+            transformer = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype)
+        vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=dtype)
+        text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        defaults = {}
+        if (root / RUNTIME_FILE).is_file():
+            defaults = json.loads((root / RUNTIME_FILE).read_text())
+        pipe = cls(transformer, vae, text_encoder, tokenizer, defaults)
+        return pipe.to(device)
+
+    def to(self, device: str | torch.device) -> StreamPipeline:
+        for module in (self.transformer, self.vae, self.text_encoder):
+            module.to(device)
+        for m in (self.transformer, self.vae, self.text_encoder):
+            m.eval().requires_grad_(False)
+        return self
+
+    def save_pretrained(self, path: str | pathlib.Path) -> None:
+        """Write the diffusers-layout folder (and ``stream_runtime.json``) that :meth:`from_pretrained` reads."""
+        root = pathlib.Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(root / "transformer")
+        self.vae.save_pretrained(root / "vae")
+        self.text_encoder.save_pretrained(root / "text_encoder")
+        self.tokenizer.save_pretrained(root / "tokenizer")
+        index = {
+            "_class_name": "WanPipeline",
+            "_diffusers_version": "0.42.1",
+            "transformer": ["diffusers", "WanTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLWan"],
+            "text_encoder": ["transformers", "UMT5EncoderModel"],
+            "tokenizer": ["transformers", type(self.tokenizer).__name__],
+        }
+        (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (root / RUNTIME_FILE).write_text(json.dumps(self.defaults, indent=2) + "\n")
+
+    @classmethod
+    def tiny_random(
+        cls,
+        seed: int = 0,
+        height: int = 64,
+        width: int = 64,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **stream_overrides,
+    ) -> StreamPipeline:
+        """Random weights at a tiny shape: the default until trained weights are given; runs on any CPU.
+
+        Unknown prompt words map to the unknown token (the random model ignores meaning anyway).
+        """
+        words = "a an the and of in on with moving red green blue white black fox cat dog snow desert sea".split()
+        tokenizer = build_word_tokenizer(words)
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            text_encoder = UMT5EncoderModel(UMT5Config(**presets.tiny_text_encoder_config(len(tokenizer))))
+            vae = AutoencoderKLWan(**tiny_vae_config())
+            transformer = WanTransformer3DModel(**presets.tiny_transformer_config(in_channels=vae.config.z_dim))
+        finally:
+            torch.random.set_rng_state(gen_state)
+        defaults = {
+            "height": height,
+            "width": width,
+            "max_text_tokens": 16,
+            "unknown_words": "fallback",
+            "stream_t2v": {k: v for k, v in stream_overrides.items()},
+        }
+        if dtype != torch.float32:
+            transformer, vae, text_encoder = (m.to(dtype) for m in (transformer, vae, text_encoder))
+        return cls(transformer, vae, text_encoder, tokenizer, defaults).to(device)
+
+
+def config_to_json(config: StreamConfig) -> dict[str, Any]:
+    """A StreamConfig as JSON-friendly values (for stream_runtime.json and the protocol)."""
+    data = asdict(config)
+    return {f.name: (list(data[f.name]) if isinstance(data[f.name], tuple) else data[f.name]) for f in fields(config)}

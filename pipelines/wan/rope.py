@@ -1,0 +1,55 @@
+"""Wan2.1's 3-axis rotary position embedding, computed from explicit (frame, row, column) positions.
+
+diffusers' ``WanRotaryPosEmbed`` reads a table indexed from frame 0; a stream needs arbitrary frame positions
+(absolute frame numbers, or the re-indexed positions of the bounded mode), so the angles are computed here
+directly, in float64 like diffusers, then stored as float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Channels of the head given to the (frame, height, width) axes, as in Wan2.1."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def _inv_freq(dim: int, theta: float, device) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+
+
+def rope_cos_sin(
+    frame_positions: torch.Tensor | list[int],
+    grid: tuple[int, int],
+    head_dim: int,
+    theta: float = 10000.0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[F * h * w, 1, head_dim // 2]`` (float32) for frames at ``frame_positions`` on an ``h x w``
+    patch grid, in the frame-major token order of the patch embedding."""
+    frames = torch.as_tensor(frame_positions, dtype=torch.float64, device=device)
+    h, w = grid
+    dt, dh, dw = axis_dims(head_dim)
+    dev = frames.device
+    ang_t = frames[:, None] * _inv_freq(dt, theta, dev)  # [F, dt/2]
+    ang_h = torch.arange(h, dtype=torch.float64, device=dev)[:, None] * _inv_freq(dh, theta, dev)
+    ang_w = torch.arange(w, dtype=torch.float64, device=dev)[:, None] * _inv_freq(dw, theta, dev)
+    n = frames.numel()
+    angles = torch.cat(
+        [
+            ang_t[:, None, None, :].expand(n, h, w, -1),
+            ang_h[None, :, None, :].expand(n, h, w, -1),
+            ang_w[None, None, :, :].expand(n, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(n * h * w, 1, head_dim // 2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x [B, L, H, D]`` by angles ``cos/sin [L, 1, D/2]``."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)

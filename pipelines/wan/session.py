@@ -1,0 +1,281 @@
+"""``StreamSession``: one live stream (text-to-video or video-to-video) over a :class:`StreamPipeline`.
+
+Per chunk of ``F`` latent frames::
+
+    noise (t2v) | VAE-encoded input + noise (v2v)
+      -> for each step: flow = DiT(x, t) over [sinks | window | chunk]; x0 = x - sigma*flow; re-noise to next step
+      -> clean context pass at t=0 writes the chunk's K/V into the cache (or the last step's K/V are kept)
+      -> streaming VAE decode -> uint8 frames [T, H, W, 3]
+
+The hot path has no host synchronisation: step sizes are Python floats known in advance (or device tensors in
+motion-aware video-to-video) and the cache's bookkeeping is host integers. The only sync is the copy of finished
+frames to the host, which is what the caller asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stream_runtime.cache import CacheLayout, RollingKVCache
+from stream_runtime.config import StreamConfig
+
+from . import sampling
+from .vae_stream import StreamingVAEDecoder, StreamingVAEEncoder
+
+MOTION_FULL_SCALE = 0.2
+"""Mean absolute frame difference (pixels in [-1, 1]) at which motion-aware strength reaches its upper bound."""
+MOTION_EMA = 0.5
+"""Weight of the newest chunk in the smoothed motion estimate."""
+
+
+@dataclass
+class ChunkInfo:
+    """What the last chunk cost and where it sits in the stream."""
+
+    index: int
+    first_frame: int
+    """Index of the chunk's first output (pixel) frame in the stream."""
+    num_frames: int
+    latency_s: float
+    """Wall time from the start of the chunk's denoising to its frames on the host."""
+
+
+class StreamSession:
+    """A live stream. Iterate it for chunks of frames; change the prompt or feed input frames at any time.
+
+    Text-to-video iterates forever (stop with ``break`` or :meth:`close`). Video-to-video yields a chunk whenever
+    :meth:`push_frames` has buffered enough input frames and stops iterating when the buffer runs dry; push more
+    and iterate again to continue the same stream.
+
+    Example::
+
+        with pipe.session(prompt="a fox running in snow", seed=0) as s:
+            for i, frames in enumerate(s):     # uint8 [T, H, W, 3]
+                if i == 10:
+                    s.set_prompt("a fox running in a desert")
+    """
+
+    def __init__(self, pipe, prompt: str, seed: int, mode: str, height: int, width: int, config: StreamConfig):
+        if mode not in ("t2v", "v2v"):
+            raise ValueError(f"mode must be 't2v' or 'v2v', got {mode!r}")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        pipe.check_resolution(height, width)
+        self.pipe, self.net, self.config, self.mode = pipe, pipe.net, config, mode
+        self.height, self.width = height, width
+        device, dtype = pipe.device, pipe.dtype
+        vae_factor = pipe.vae.config.scale_factor_spatial
+        self.latent_shape = (pipe.vae.config.z_dim, height // vae_factor, width // vae_factor)
+        grid = self.net.grid(*self.latent_shape[1:])
+        layout = CacheLayout(grid[0] * grid[1], config.sink_frames, config.window_frames, config.chunk_frames)
+        self.cache = RollingKVCache(
+            layout,
+            num_layers=self.net.num_layers,
+            batch=1,
+            heads=self.net.heads,
+            head_dim=self.net.head_dim,
+            latent_shape=self.latent_shape,
+            dtype=dtype,
+            device=device,
+        )
+        self.decoder = StreamingVAEDecoder(pipe.vae)
+        self.encoder = StreamingVAEEncoder(pipe.vae) if mode == "v2v" else None
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.seed = seed
+        self._embeds = pipe.encode_prompt(prompt)
+        self._text = self.net.text_kv(self._embeds)
+        self.prompt = prompt
+        self._blend: dict | None = None
+        self._sigmas = sampling.sigmas_for(config.timesteps, config.shift)
+        self._inputs: list[np.ndarray] = []
+        self._last_input: torch.Tensor | None = None
+        self._motion: torch.Tensor | None = None
+        self.frame = 0  # latent frames generated since the last reset (RoPE frame numbers)
+        self.chunk_index = 0
+        self.output_frames = 0
+        self.last_chunk: ChunkInfo | None = None
+        self.closed = False
+
+    # -- context manager and iteration
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> StreamSession:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        frames = self.next_chunk()
+        if frames is None:
+            raise StopIteration
+        return frames
+
+    def close(self) -> None:
+        """Release the cache and VAE state (the pipeline's weights stay loaded)."""
+        self.closed = True
+        self.cache = None
+        self._inputs.clear()
+
+    # -- live controls
+
+    def set_prompt(self, prompt: str, blend_chunks: int | None = None) -> None:
+        """Switch to ``prompt`` from the next chunk on, at once or blended over ``blend_chunks`` chunks
+        (default: the config's ``blend_chunks``). An immediate switch applies ``config.prompt_switch`` to the
+        cache (keep / reset / recache); a blend keeps the cache."""
+        self._check_open()
+        blend = self.config.blend_chunks if blend_chunks is None else blend_chunks
+        if not isinstance(blend, int) or blend < 0:
+            raise ValueError(f"blend_chunks must be an integer >= 0, got {blend!r}")
+        new = self.pipe.encode_prompt(prompt)
+        self.prompt = prompt
+        if blend > 0:
+            self._blend = {"old": self._embeds, "new": new, "total": blend, "done": 0}
+            return
+        self._blend = None
+        self._embeds, self._text = new, self.net.text_kv(new)
+        policy = self.config.prompt_switch
+        if policy == "reset":
+            self.cache.reset()
+            self.frame = 0
+        elif policy == "recache":
+            self.recache()
+
+    def push_frames(self, frames: np.ndarray | torch.Tensor) -> None:
+        """Buffer input frames for video-to-video: uint8 ``[T, H, W, 3]`` (RGB) at the session's resolution."""
+        self._check_open()
+        if self.mode != "v2v":
+            raise ValueError("push_frames is for video-to-video sessions (mode='v2v')")
+        arr = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(
+                f"frames must be uint8 [T, {self.height}, {self.width}, 3] (the session's resolution), "
+                f"got {arr.dtype} {list(arr.shape)}"
+            )
+        self._inputs.extend(arr)
+
+    def frames_needed(self) -> int:
+        """Input frames the next video-to-video chunk consumes."""
+        f, t = self.config.chunk_frames, self.pipe.temporal_factor
+        return 1 + t * (f - 1) if self.chunk_index == 0 else t * f
+
+    @torch.no_grad()
+    def recache(self) -> None:
+        """Rebuild the cache under the current prompt: re-run the kept frames at t=0, chunk by chunk in stream
+        order (LongLive's recache). Positions of kept frames are unchanged."""
+        self._check_open()
+        frames, latents = self.cache.kept_latents()
+        self.cache.reset()
+        chunk = self.config.chunk_frames
+        start = 0
+        while start < len(frames):
+            end = start + 1
+            while end < len(frames) and frames[end] // chunk == frames[start] // chunk:
+                end += 1
+            x = latents[:, :, start:end]
+            self._forward(x, 0.0, frames[start])
+            self.cache.commit(frames[start], end - start, latents=x)
+            start = end
+
+    # -- generation
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("this session is closed; open a new one with pipe.session(...)")
+
+    def _forward(self, x: torch.Tensor, t, first_frame: int) -> torch.Tensor:
+        return self.net.forward_chunk(
+            x,
+            t,
+            self._text,
+            self.cache,
+            first_frame,
+            position_mode=self.config.position_mode,
+            backend=self.config.attention_backend,
+        )
+
+    def _advance_blend(self) -> None:
+        if self._blend is None:
+            return
+        b = self._blend
+        b["done"] += 1
+        w = b["done"] / b["total"]
+        if self.config.blend_mode == "slerp":
+            embeds = sampling.slerp(b["old"], b["new"], w)
+        else:
+            embeds = torch.lerp(b["old"].float(), b["new"].float(), w).to(b["new"].dtype)
+        self._embeds, self._text = embeds, self.net.text_kv(embeds)
+        if b["done"] >= b["total"]:
+            self._blend = None
+
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.pipe.device, dtype=torch.float32)
+
+    def _v2v_start(self) -> tuple[torch.Tensor, list] | None:
+        """Encode the next input frames; return (noisy latents at the first step, sigmas) or None."""
+        need = self.frames_needed()
+        if len(self._inputs) < need:
+            return None
+        batch, self._inputs = self._inputs[:need], self._inputs[need:]
+        pixels = torch.from_numpy(np.stack(batch)).to(self.pipe.device)
+        pixels = pixels.permute(3, 0, 1, 2)[None].to(self.pipe.vae.dtype) / 127.5 - 1.0  # [1, 3, T, H, W]
+        z = self.encoder.encode(pixels).float()
+        strength = self.config.strength
+        if self.config.motion_aware:
+            prev = pixels[:, :, :1] if self._last_input is None else self._last_input
+            motion = (torch.cat([prev, pixels], 2).diff(dim=2).abs().mean()).float()
+            self._motion = motion if self._motion is None else torch.lerp(self._motion, motion, MOTION_EMA)
+            lo, hi = self.config.motion_strength_range
+            strength = lo + (hi - lo) * (self._motion / MOTION_FULL_SCALE).clamp(0.0, 1.0)
+            strength = strength * self.config.strength
+        self._last_input = pixels[:, :, -1:]
+        sigmas = sampling.sigmas_for(self.config.timesteps, self.config.shift, strength)
+        return sampling.add_noise(z, self._randn(z.shape), sigmas[0]), sigmas
+
+    @torch.no_grad()
+    def generate_latents(self) -> torch.Tensor | None:
+        """Denoise the next chunk and keep it in the cache; return its clean latents ``[1, C, F, h, w]`` (on the
+        device, nothing decoded), or None when a video-to-video session lacks input frames."""
+        self._check_open()
+        self._advance_blend()
+        f = self.config.chunk_frames
+        if self.mode == "v2v":
+            start = self._v2v_start()
+            if start is None:
+                return None
+            x, sigmas = start
+        else:
+            x, sigmas = self._randn((1, self.latent_shape[0], f, *self.latent_shape[1:])), self._sigmas
+        for i, sigma in enumerate(sigmas):
+            flow = self._forward(x, sigma * 1000.0, self.frame)
+            x0 = sampling.to_x0(x, flow.float(), sigma)
+            if i + 1 < len(sigmas):
+                x = sampling.add_noise(x0, self._randn(x0.shape), sigmas[i + 1])
+        if self.config.context_pass:
+            self._forward(x0, 0.0, self.frame)
+        self.cache.commit(self.frame, f, latents=x0)
+        self.frame += f
+        self.chunk_index += 1
+        return x0
+
+    @torch.no_grad()
+    def next_chunk(self) -> np.ndarray | None:
+        """Generate and decode the next chunk: uint8 ``[T, H, W, 3]``, or None (video-to-video without input)."""
+        start = time.perf_counter()
+        x0 = self.generate_latents()
+        if x0 is None:
+            return None
+        pixels = self.decoder.decode(x0.to(self.pipe.vae.dtype))  # [1, 3, T, H, W] in [-1, 1]
+        frames = ((pixels[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        out = frames.permute(1, 2, 3, 0).cpu().numpy()
+        self.last_chunk = ChunkInfo(self.chunk_index - 1, self.output_frames, len(out), time.perf_counter() - start)
+        self.output_frames += len(out)
+        return out

@@ -1,0 +1,260 @@
+"""Block-causal streaming forward passes over diffusers' ``WanTransformer3DModel``.
+
+The weights and modules are diffusers' own (``WanTransformerBlock``, ``WanAttention``, the condition embedder);
+this file only changes how they are called:
+
+- ``forward_chunk``: one chunk of latent frames against a :class:`~stream_runtime.cache.RollingKVCache`, with
+  the prompt's cross-attention K/V computed once per prompt (:meth:`text_kv`), per-frame timesteps, and
+  self-attention through :func:`stream_runtime.attention.attention` so other kernels can plug in.
+- ``forward_full``: the whole sequence at once under a frame-level mask (block-causal, optionally sink + window):
+  the reference the streaming path is tested against, and the training pass.
+
+Both share the block code below, so the tests hold the cache logic, not the arithmetic, to account; the block
+code itself is checked against diffusers' ``WanTransformer3DModel.forward`` in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import WanTransformer3DModel
+from torch import nn
+
+from stream_runtime.attention import attention
+from stream_runtime.cache import RollingKVCache
+
+from .rope import apply_rope, rope_cos_sin
+
+TextKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(2, (heads, -1))
+
+
+class StreamingWanTransformer(nn.Module):
+    """Streaming view of a (text-to-video) ``WanTransformer3DModel``; holds no weights of its own.
+
+    Example::
+
+        net = StreamingWanTransformer(WanTransformer3DModel.from_pretrained(path, subfolder="transformer"))
+        text = net.text_kv(prompt_embeds)                        # once per prompt
+        flow = net.forward_chunk(x, t, text, cache, first_frame)  # x: [B, 16, 3, 60, 104]
+    """
+
+    def __init__(self, wan: WanTransformer3DModel) -> None:
+        super().__init__()
+        cfg = wan.config
+        if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
+            raise ValueError("image-conditioned Wan models (I2V) are not supported by the streaming transformer")
+        self.wan = wan
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.attention_head_dim
+        self.patch_size = tuple(cfg.patch_size)
+        self.in_channels = cfg.in_channels
+        self.num_layers = cfg.num_layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wan.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wan.device
+
+    def grid(self, latent_height: int, latent_width: int) -> tuple[int, int]:
+        """Patch grid (rows, columns) of one latent frame."""
+        _, ph, pw = self.patch_size
+        if latent_height % ph or latent_width % pw:
+            raise ValueError(
+                f"latent size must be divisible by the patch size {(ph, pw)}, got {(latent_height, latent_width)}"
+            )
+        return latent_height // ph, latent_width // pw
+
+    # -- conditioning
+
+    def text_kv(self, text_embeds: torch.Tensor) -> TextKV:
+        """Cross-attention K/V of every block for prompt embeddings ``[B, Lt, text_dim]``: ``[(k, v)]`` with
+        ``k, v [B, Lt, H, D]``. Computed once per prompt, reused by every chunk and step."""
+        ctx = self.wan.condition_embedder.text_embedder(text_embeds.to(self.dtype))
+        out = []
+        for block in self.wan.blocks:
+            attn = block.attn2
+            if getattr(attn, "fused_projections", False):
+                k, v = attn.to_kv(ctx).chunk(2, dim=-1)
+            else:
+                k, v = attn.to_k(ctx), attn.to_v(ctx)
+            out.append((_heads(attn.norm_k(k), self.heads), _heads(v, self.heads)))
+        return out
+
+    def _time(self, timestep: torch.Tensor | float, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame time embedding ``[B, F, dim]`` and block modulation input ``[B, F, 6, dim]``."""
+        emb = self.wan.condition_embedder
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device)
+        if t.shape not in ((), (batch,), (batch, frames)):
+            raise ValueError(f"timestep must be a scalar, [B] or [B, F] = {[batch, frames]}, got {list(t.shape)}")
+        t = t.reshape(-1, 1).expand(batch, frames) if t.ndim < 2 else t
+        proj = emb.timesteps_proj(t.reshape(-1))
+        proj = proj.to(next(emb.time_embedder.parameters()).dtype)
+        temb = emb.time_embedder(proj).to(self.dtype)
+        mod = emb.time_proj(emb.act_fn(temb))
+        return temb.view(batch, frames, -1), mod.view(batch, frames, 6, -1)
+
+    # -- shared pieces of the two forward passes
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"latents must be [B, {self.in_channels}, F, h, w], got {list(x.shape)}")
+        tokens = self.wan.patch_embedding(x.to(self.dtype))
+        return tokens.flatten(2).transpose(1, 2).contiguous()
+
+    def _block(self, block, x: torch.Tensor, frames: int, mod: torch.Tensor, text: tuple, self_attn) -> torch.Tensor:
+        """One ``WanTransformerBlock`` with per-frame modulation; ``self_attn(q, k, v) -> out`` does attention."""
+        b, length, dim = x.shape
+        per_frame = (b, frames, length // frames, dim)
+        shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table[:, None] + mod.float()).chunk(6, 2)
+
+        def modulate(norm, h, sc, sh):
+            return (norm(h.float()).view(per_frame) * (1 + sc) + sh).view(b, length, dim).type_as(h)
+
+        def gated(h, y, g):
+            return (h.float() + (y.float().view(per_frame) * g).view(b, length, dim)).type_as(h)
+
+        # 1. self-attention
+        attn = block.attn1
+        h = modulate(block.norm1, x, scale, shift)
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+        q, k, v = _heads(attn.norm_q(q), self.heads), _heads(attn.norm_k(k), self.heads), _heads(v, self.heads)
+        y = self_attn(q, k, v).flatten(2, 3).type_as(q)
+        x = gated(x, attn.to_out[0](y), gate)
+
+        # 2. cross-attention to the prompt
+        attn = block.attn2
+        h = block.norm2(x.float()).type_as(x)
+        q = _heads(attn.norm_q(attn.to_q(h)), self.heads)
+        y = attention(q, text[0], text[1], backend="sdpa").flatten(2, 3).type_as(q)
+        x = x + attn.to_out[0](y)
+
+        # 3. feed-forward
+        h = modulate(block.norm3, x, c_scale, c_shift)
+        return gated(x, block.ffn(h), c_gate)
+
+    def _head(self, x: torch.Tensor, temb: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        b, frames, h, w = shape
+        per_frame = (b, frames, h * w, x.shape[-1])
+        shift, scale = (self.wan.scale_shift_table[:, None] + temb[:, :, None].float()).chunk(2, dim=2)
+        x = (self.wan.norm_out(x.float()).view(per_frame) * (1 + scale) + shift).flatten(1, 2).type_as(x)
+        x = self.wan.proj_out(x)
+        p_t, p_h, p_w = self.patch_size
+        x = x.reshape(b, frames, h, w, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    # -- the streaming pass
+
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text: TextKV,
+        cache: RollingKVCache,
+        first_frame: int,
+        position_mode: str = "absolute",
+        backend: str = "sdpa",
+        **attn_kwargs,
+    ) -> torch.Tensor:
+        """Flow prediction for one chunk ``x [B, C, F, h, w]`` at ``timestep`` (scalar, ``[B]`` or ``[B, F]``).
+
+        The chunk attends to every frame the cache keeps and to all of its own tokens; its K/V go to the cache's
+        scratch region, and :meth:`RollingKVCache.commit` keeps them once the caller is done with the chunk.
+        """
+        b, _, frames, lh, lw = x.shape
+        grid = self.grid(lh, lw)
+        tokens_per_frame = grid[0] * grid[1]
+        if cache.layout.frame_tokens != tokens_per_frame:
+            raise ValueError(
+                f"cache was built for {cache.layout.frame_tokens} tokens per frame, latents give {tokens_per_frame}"
+            )
+        temb, mod = self._time(timestep, b, frames)
+        h = self._embed(x)
+        q_pos = cache.chunk_positions(first_frame, frames // self.patch_size[0], position_mode)
+        q_cos, q_sin = rope_cos_sin(q_pos, grid, self.head_dim, device=self.device)
+        k_cos = k_sin = None
+        if position_mode == "bounded":
+            # Cached keys are stored unrotated in this mode: their positions change as the window slides.
+            k_cos, k_sin = rope_cos_sin(
+                cache.slot_positions("bounded") + q_pos, grid, self.head_dim, device=self.device
+            )
+
+        for i, block in enumerate(self.wan.blocks):
+
+            def self_attn(q, k, v, layer=i):
+                q = apply_rope(q, q_cos, q_sin)
+                if k_cos is None:
+                    k_all, v_all = cache.store_current(layer, apply_rope(k, q_cos, q_sin), v)
+                else:
+                    k_all, v_all = cache.store_current(layer, k, v)
+                    k_all = apply_rope(k_all, k_cos, k_sin)
+                return attention(q, k_all, v_all, backend=backend, layer=layer, **attn_kwargs)
+
+            h = self._block(block, h, frames, mod, text[i], self_attn)
+        return self._head(h, temb, (b, frames, *grid))
+
+    # -- the full-sequence pass (reference and training)
+
+    def forward_full(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text: TextKV,
+        frame_mask: torch.Tensor | None = None,
+        frame_positions: torch.Tensor | list[int] | None = None,
+        backend: str = "sdpa",
+    ) -> torch.Tensor:
+        """Flow prediction for a whole sequence ``x [B, C, T, h, w]`` with per-frame ``timestep [B, T]``.
+
+        ``frame_mask [T, T]`` (bool, True = query frame may attend to key frame; None = full attention) is
+        expanded to tokens; see :func:`block_causal_mask`. ``frame_positions`` are the RoPE frame indices
+        (default ``0..T-1``).
+        """
+        b, _, frames, lh, lw = x.shape
+        grid = self.grid(lh, lw)
+        temb, mod = self._time(timestep, b, frames)
+        h = self._embed(x)
+        positions = range(frames) if frame_positions is None else frame_positions
+        cos, sin = rope_cos_sin(positions, grid, self.head_dim, device=self.device)
+        mask = None
+        if frame_mask is not None:
+            n = grid[0] * grid[1]
+            mask = frame_mask.to(self.device).repeat_interleave(n, 0).repeat_interleave(n, 1)
+
+        def self_attn(q, k, v):
+            return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, backend=backend, mask=mask)
+
+        for i, block in enumerate(self.wan.blocks):
+            h = self._block(block, h, frames, mod, text[i], self_attn)
+        return self._head(h, temb, (b, frames, *grid))
+
+
+def block_causal_mask(
+    num_frames: int,
+    chunk_frames: int,
+    sink_frames: int | None = None,
+    window_frames: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Frame-level mask ``[T, T]`` (True = attend): a frame sees every frame of its own chunk and of earlier chunks.
+
+    With ``window_frames`` set, a chunk sees only the first ``sink_frames`` frames plus the most recent
+    ``window_frames`` frames counted back from the end of its own chunk, which is what the rolling cache keeps.
+    """
+    chunk = torch.arange(num_frames, device=device) // chunk_frames
+    mask = chunk[None, :] <= chunk[:, None]
+    if window_frames is not None:
+        frame = torch.arange(num_frames, device=device)
+        chunk_end = (chunk + 1) * chunk_frames  # exclusive end of each query frame's chunk
+        recent = frame[None, :] >= (chunk_end[:, None] - window_frames)
+        sink = frame[None, :] < (sink_frames or 0)
+        mask = mask & (recent | sink)
+    return mask

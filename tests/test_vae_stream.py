@@ -1,0 +1,181 @@
+"""Streaming Wan VAE: chunked encode/decode must equal diffusers' one-shot calls, with constant memory."""
+
+import pytest
+import torch
+from conftest import assert_close
+from diffusers import AutoencoderKLWan
+from stream_runtime.pipelines.wan.vae_stream import (
+    StreamingVAEDecoder,
+    StreamingVAEEncoder,
+    denormalize_latents,
+    frames_per_latent,
+    normalize_latents,
+    tiny_vae_config,
+)
+
+LATENT_FRAMES = 6
+LATENT_HW = (2, 3)  # small and non-square, so a height/width swap would show
+BATCH = 2
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["wan21", "wan22_residual"])
+def vae(request) -> AutoencoderKLWan:
+    torch.manual_seed(0)
+    return AutoencoderKLWan(**tiny_vae_config(residual=request.param)).eval()
+
+
+def _latents(vae: AutoencoderKLWan, frames: int = LATENT_FRAMES, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, vae.config.z_dim, frames, *LATENT_HW, generator=generator)
+
+
+def _video(vae: AutoencoderKLWan, frames: int, seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    height, width = (n * vae.config.scale_factor_spatial for n in LATENT_HW)
+    return torch.rand(BATCH, 3, frames, height, width, generator=generator) * 2 - 1
+
+
+def _decode_in_chunks(decoder: StreamingVAEDecoder, latents: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    return torch.cat([decoder.decode(chunk) for chunk in latents.split(sizes, dim=2)], dim=2)
+
+
+def test_tiny_config_keeps_wan_factors(vae):
+    assert vae.config.scale_factor_temporal == 4
+    out = StreamingVAEDecoder(vae).decode(_latents(vae, frames=2))
+    spatial = vae.config.scale_factor_spatial
+    assert out.shape == (BATCH, 3, 1 + 4, LATENT_HW[0] * spatial, LATENT_HW[1] * spatial)
+
+
+@pytest.mark.parametrize("sizes", [[1] * LATENT_FRAMES, [3, 3], [1, 2, 3], [4, 1, 1], [LATENT_FRAMES]])
+def test_streamed_decode_equals_full_decode(vae, sizes):
+    latents = _latents(vae)
+    with torch.no_grad():
+        expected = vae.decode(denormalize_latents(latents, vae)).sample
+    actual = _decode_in_chunks(StreamingVAEDecoder(vae), latents, sizes)
+    assert actual.shape == expected.shape
+    assert_close(actual, expected)
+    assert actual.abs().max() <= 1.0
+
+
+def test_decode_frame_counts(vae):
+    decoder = StreamingVAEDecoder(vae)
+    latents = _latents(vae)
+    assert decoder.decode(latents[:, :, :2]).shape[2] == frames_per_latent(True, 2, vae) == 5
+    assert decoder.decode(latents[:, :, 2:5]).shape[2] == frames_per_latent(False, 3, vae) == 12
+
+
+@pytest.mark.parametrize("sizes", [[1, 4, 4, 4], [5, 8], [9, 4], [13]])
+def test_streamed_encode_equals_full_encode(vae, sizes):
+    video = _video(vae, frames=sum(sizes))
+    with torch.no_grad():
+        expected = normalize_latents(vae.encode(video).latent_dist.mode(), vae)
+    encoder = StreamingVAEEncoder(vae)
+    actual = torch.cat([encoder.encode(chunk) for chunk in video.split(sizes, dim=2)], dim=2)
+    assert actual.shape == expected.shape
+    assert_close(actual, expected)
+
+
+def test_encode_sample_is_reproducible(vae):
+    video = _video(vae, frames=5)
+    draw = lambda seed: StreamingVAEEncoder(vae, sample=True).encode(
+        video, generator=torch.Generator().manual_seed(seed)
+    )
+    mode = StreamingVAEEncoder(vae).encode(video)
+    assert torch.equal(draw(0), draw(0))
+    assert draw(0).shape == mode.shape
+    assert not torch.equal(draw(0), mode)
+
+
+def test_reset_starts_a_fresh_stream(vae):
+    first, second = _latents(vae, seed=3), _latents(vae, seed=4)
+    decoder = StreamingVAEDecoder(vae)
+    decoder.decode(first[:, :, :3])
+    decoder.reset()
+    assert torch.equal(decoder.decode(second), StreamingVAEDecoder(vae).decode(second))
+
+    video_a, video_b = _video(vae, 5, seed=5), _video(vae, 9, seed=6)
+    encoder = StreamingVAEEncoder(vae)
+    encoder.encode(video_a)
+    encoder.encode(video_a[:, :, 1:])
+    encoder.reset()
+    assert torch.equal(encoder.encode(video_b), StreamingVAEEncoder(vae).encode(video_b))
+
+
+def test_normalize_round_trip(vae):
+    latents = _latents(vae)
+    assert_close(denormalize_latents(normalize_latents(latents, vae), vae), latents)
+    with pytest.raises(ValueError, match="`z`"):
+        normalize_latents(latents[:, :1], vae)
+
+
+@pytest.fixture(scope="module")
+def wan21_vae() -> AutoencoderKLWan:
+    torch.manual_seed(0)
+    return AutoencoderKLWan(**tiny_vae_config()).eval()
+
+
+@pytest.mark.parametrize(
+    "make_latents, match",
+    [
+        (lambda z: z[:, :, 0], "5-D"),
+        (lambda z: z[:, :2], "channels"),
+        (lambda z: z[:, :, :0], "at least 1 latent frame"),
+        (lambda z: z.double(), "dtype and device"),
+        (lambda z: z.to("meta"), "dtype and device"),
+    ],
+)
+def test_decode_rejects_bad_latents(wan21_vae, make_latents, match):
+    with pytest.raises(ValueError, match=f"`latents`.*{match}"):
+        StreamingVAEDecoder(wan21_vae).decode(make_latents(_latents(wan21_vae)))
+
+
+def test_decode_rejects_shape_change_mid_stream(wan21_vae):
+    decoder = StreamingVAEDecoder(wan21_vae)
+    latents = _latents(wan21_vae)
+    decoder.decode(latents[:, :, :1])
+    with pytest.raises(ValueError, match="`latents`.*reset"):
+        decoder.decode(latents[:1, :, 1:2])
+    decoder.reset()
+    decoder.decode(latents[:1, :, :1])  # a new stream may change shape
+
+
+@pytest.mark.parametrize(
+    "make_frames, first, match",
+    [
+        (lambda v: v[:, :, 0], True, "5-D"),
+        (lambda v: v[:, :1], True, "3 channels"),
+        (lambda v: v[:, :, :4], True, r"1 \+ 4k frames.*got 4"),
+        (lambda v: v[:, :, :5], False, r"4k frames.*got 5"),
+        (lambda v: v[:, :, :1, :12], True, "multiples of 8.*got 12x24"),
+        (lambda v: v[:, :, :1].half(), True, "dtype and device"),
+        (lambda v: v[:, :, :1].to("meta"), True, "dtype and device"),
+    ],
+)
+def test_encode_rejects_bad_frames(wan21_vae, make_frames, first, match):
+    encoder = StreamingVAEEncoder(wan21_vae)
+    video = _video(wan21_vae, frames=5)
+    if not first:
+        encoder.encode(video[:, :, :1])
+    with pytest.raises(ValueError, match=f"`frames`.*{match}"):
+        encoder.encode(make_frames(video))
+
+
+def test_rejects_vae_with_inconsistent_factors():
+    vae = AutoencoderKLWan(**{**tiny_vae_config(), "scale_factor_temporal": 2})
+    with pytest.raises(ValueError, match="scale_factor_temporal"):
+        StreamingVAEDecoder(vae)
+
+
+def test_cache_stays_constant_over_a_long_stream(wan21_vae):
+    """Each causal conv caches at most two frames, so the cache stops growing after the first few frames."""
+    stream_frames, settle_frames = 50, 3
+    decoder = StreamingVAEDecoder(wan21_vae)
+    assert any(p.requires_grad for p in wan21_vae.parameters())  # no_grad must keep autograd history out
+    latents = _latents(wan21_vae, frames=stream_frames)
+    sizes = []
+    for i in range(stream_frames):
+        decoder.decode(latents[:, :, i : i + 1])
+        sizes.append(decoder.cache.num_elements())
+    assert sizes[0] > 0
+    assert len(set(sizes[settle_frames:])) == 1, sizes
+    assert all(s.grad_fn is None for s in decoder.cache.slots if isinstance(s, torch.Tensor))
