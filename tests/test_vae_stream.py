@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import assert_close
 from diffusers import AutoencoderKLWan
+
 from stream_runtime.pipelines.wan.vae_stream import (
     StreamingVAEDecoder,
     StreamingVAEEncoder,

@@ -182,13 +182,20 @@ class StreamPipeline:
         dtype = dtype or _default_dtype(device)
 
         if transformer_checkpoint is not None:
-            from .convert import load_causal_wan_transformer
+            from .convert import DEFAULT_PREFER, load_causal_wan_transformer
 
             config = None
             if (root / "transformer" / "config.json").is_file():
                 config = WanTransformer3DModel.load_config(root / "transformer")
+            # A LoRA (LongLive) was trained on the non-EMA generator weights, so take those first when one is given.
+            prefer = ("generator", "generator_ema", "model", "state_dict") if lora is not None else DEFAULT_PREFER
             transformer = load_causal_wan_transformer(
-                transformer_checkpoint, config=config, lora_path=lora, lora_scale=lora_scale, dtype=dtype
+                transformer_checkpoint,
+                config=config,
+                lora_path=lora,
+                lora_scale=lora_scale,
+                dtype=dtype,
+                prefer=prefer,
             )
         else:
             transformer = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype)

@@ -208,7 +208,9 @@ class StreamSession:
         b = self._blend
         b["done"] += 1
         w = b["done"] / b["total"]
-        if self.config.blend_mode == "slerp":
+        if w >= 1.0:
+            embeds = b["new"]
+        elif self.config.blend_mode == "slerp":
             embeds = sampling.slerp(b["old"], b["new"], w)
         else:
             embeds = torch.lerp(b["old"].float(), b["new"].float(), w).to(b["new"].dtype)

@@ -1,0 +1,154 @@
+"""``stream-runtime`` command line.
+
+stream-runtime generate --prompt "a fox running in snow" --seconds 10 --out clip.mp4
+stream-runtime generate --model Wan2.1-T2V-1.3B-Diffusers --checkpoint self_forcing_dmd.pt --device cuda ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+
+import torch
+
+from stream_runtime.attention import available_backends
+from stream_runtime.config import POSITION_MODES, PROMPT_SWITCH_MODES
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="diffusers-layout folder (default: the built-in tiny random-weights model)")
+    g.add_argument("--checkpoint", help="original-format causal transformer checkpoint (.pt/.safetensors)")
+    g.add_argument("--lora", help="LoRA file merged into --checkpoint on load (LongLive)")
+    g.add_argument("--lora-scale", type=float, default=1.0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+
+
+def load_pipeline(args: argparse.Namespace):
+    from stream_runtime.pipelines.wan.pipeline import StreamPipeline
+
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.model is None:
+        if args.checkpoint:
+            raise ValueError("--checkpoint needs --model FOLDER (the VAE, text encoder and tokenizer come from it)")
+        print("No --model given: using the tiny random-weights model (moving noise, no trained content).")
+        return StreamPipeline.tiny_random(device=args.device, dtype=dtype or torch.float32)
+    return StreamPipeline.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=dtype,
+        transformer_checkpoint=args.checkpoint,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
+    )
+
+
+def _stream_overrides(args: argparse.Namespace) -> dict:
+    overrides = {}
+    if args.steps:
+        overrides["timesteps"] = tuple(float(t) for t in args.steps.split(","))
+    for name in ("chunk_frames", "sink_frames", "window_frames", "shift", "position_mode", "prompt_switch"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.attention:
+        overrides["attention_backend"] = args.attention
+    return overrides
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from stream_runtime.video_io import VideoWriter
+
+    if args.seconds <= 0:
+        raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+    pipe = load_pipeline(args)
+    height, width = args.height or pipe.default_resolution[0], args.width or pipe.default_resolution[1]
+    total = math.ceil(args.seconds * args.fps)
+    writer = VideoWriter(args.out, fps=args.fps)
+    session = pipe.session(args.prompt, seed=args.seed, height=height, width=width, **_stream_overrides(args))
+    switches = sorted(_parse_switches(args.switch, args.fps))
+    bar = tqdm(total=total, unit="frame", desc="generating", dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        with session, writer:
+            while writer.frames_written < total:
+                while switches and switches[0][0] <= writer.frames_written:
+                    session.set_prompt(switches.pop(0)[1])
+                frames = session.next_chunk()[: total - writer.frames_written]
+                writer.write(frames)
+                bar.update(len(frames))
+                bar.set_postfix(fps=f"{writer.frames_written / (time.perf_counter() - start):.1f}")
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\nstopped: {writer.frames_written} frames written to {args.out} (a playable file)")
+        return 130
+    bar.close()
+    elapsed = time.perf_counter() - start
+    print(
+        f"wrote {writer.frames_written} frames ({writer.frames_written / args.fps:.1f} s) to {args.out} "
+        f"in {elapsed:.1f} s ({writer.frames_written / elapsed:.1f} frames/s)"
+    )
+    return 0
+
+
+def _parse_switches(items: list[str] | None, fps: float) -> list[tuple[int, str]]:
+    out = []
+    for item in items or []:
+        at, sep, prompt = item.partition(":")
+        try:
+            seconds = float(at)
+        except ValueError:
+            seconds = -1.0
+        if not sep or seconds < 0 or not prompt.strip():
+            raise ValueError(f"--switch must look like SECONDS:PROMPT (e.g. '5:a fox in a desert'), got {item!r}")
+        out.append((round(seconds * fps), prompt))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-runtime", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream text-to-video into an MP4 file")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--seconds", type=float, default=10.0)
+    gen.add_argument("--out", default="clip.mp4")
+    gen.add_argument("--fps", type=float, default=16.0, help="frame rate of the output file (Wan2.1: 16)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--switch", action="append", metavar="SECONDS:PROMPT", help="live prompt switch (repeatable)")
+    s = gen.add_argument_group("stream")
+    s.add_argument("--steps", help="comma-separated step list before the shift, e.g. 1000,750,500,250")
+    s.add_argument("--shift", type=float)
+    s.add_argument("--chunk-frames", type=int, dest="chunk_frames")
+    s.add_argument("--sink-frames", type=int, dest="sink_frames")
+    s.add_argument("--window-frames", type=int, dest="window_frames")
+    s.add_argument("--position-mode", choices=POSITION_MODES, dest="position_mode")
+    s.add_argument("--prompt-switch", choices=PROMPT_SWITCH_MODES, dest="prompt_switch")
+    s.add_argument("--attention", choices=available_backends())
+    _add_model_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

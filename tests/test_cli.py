@@ -1,0 +1,87 @@
+"""The command line and MP4 writing."""
+
+import numpy as np
+import pytest
+
+from stream_runtime.apps import cli
+from stream_runtime.video_io import VideoWriter, read_video
+
+
+def test_generate_writes_the_requested_frames(tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    code = cli.main(
+        [
+            "generate",
+            "--prompt",
+            "a red fox",
+            "--seconds",
+            "1.5",
+            "--out",
+            str(out),
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--switch",
+            "0.5:a blue cat",
+        ]
+    )
+    assert code == 0
+    video = read_video(out)
+    assert video.shape == (24, 32, 32, 3)
+    assert "wrote 24 frames" in capsys.readouterr().out
+
+
+def test_interrupted_run_leaves_a_playable_file(tmp_path, monkeypatch):
+    from stream_runtime.pipelines.wan.session import StreamSession
+
+    real = StreamSession.next_chunk
+    calls = {"n": 0}
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", flaky)
+    out = tmp_path / "stopped.mp4"
+    code = cli.main(
+        ["generate", "--prompt", "a fox", "--seconds", "10", "--out", str(out), "--height", "32", "--width", "32"]
+    )
+    assert code == 130
+    assert read_video(out).shape[0] == 9 + 12  # the two chunks made before Ctrl-C
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--seconds", "0"], "--seconds must be > 0"),
+        (["--height", "30"], "height must be a positive multiple of 16"),
+        (["--checkpoint", "x.pt"], "--checkpoint needs --model"),
+        (["--model", "/nonexistent/folder"], "path must be a model folder"),
+        (["--switch", "soon:a cat"], "--switch must look like SECONDS:PROMPT"),
+        (["--out", "/nonexistent/dir/clip.mp4"], "folder of path does not exist"),
+    ],
+)
+def test_generate_bad_arguments_exit_2(argv, message, tmp_path, capsys):
+    base = ["generate", "--prompt", "a fox", "--seconds", "1", "--out", str(tmp_path / "c.mp4")]
+    assert cli.main(base + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_video_writer_round_trip_and_checks(tmp_path):
+    frames = np.zeros((5, 16, 32, 3), np.uint8)
+    frames[:, :, :16] = 255
+    with VideoWriter(tmp_path / "a.mp4", fps=16) as w:
+        w.write(frames[:2])
+        w.write(frames[2:])
+        with pytest.raises(ValueError, match="keep the size"):
+            w.write(np.zeros((1, 32, 32, 3), np.uint8))
+    back = read_video(tmp_path / "a.mp4")
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(int) - frames).mean() < 3
+    with pytest.raises(ValueError, match="must end in .mp4"):
+        VideoWriter(tmp_path / "a.avi")
+    with pytest.raises(ValueError, match="uint8"):
+        VideoWriter(tmp_path / "b.mp4").write(np.zeros((1, 16, 16, 3), np.float32))
