@@ -113,6 +113,19 @@ def test_v2v_consumes_input_and_is_deterministic(pipe):
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def test_folder_plus_original_checkpoint(pipe, tmp_path):
+    """The usual user setup: a diffusers folder for VAE/text encoder/tokenizer and one original-format causal
+    checkpoint for the transformer, in a training wrapper."""
+    from test_convert import to_original
+
+    pipe.save_pretrained(tmp_path / "model")
+    sd = {"model." + to_original(k): v for k, v in pipe.transformer.state_dict().items()}
+    torch.save({"generator_ema": sd, "generator": {k: torch.zeros_like(v) for k, v in sd.items()}}, tmp_path / "c.pt")
+    loaded = StreamPipeline.from_pretrained(tmp_path / "model", transformer_checkpoint=tmp_path / "c.pt")
+    with pipe.session("a red fox", seed=0) as s1, loaded.session("a red fox", seed=0) as s2:
+        assert np.array_equal(next(s1), next(s2))
+
+
 def test_save_and_load_roundtrip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "model")
     loaded = StreamPipeline.from_pretrained(tmp_path / "model")

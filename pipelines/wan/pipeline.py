@@ -186,7 +186,8 @@ class StreamPipeline:
 
             config = None
             if (root / "transformer" / "config.json").is_file():
-                config = WanTransformer3DModel.load_config(root / "transformer")
+                raw = WanTransformer3DModel.load_config(root / "transformer")
+                config = {k: v for k, v in raw.items() if not k.startswith("_")}
             # A LoRA (LongLive) was trained on the non-EMA generator weights, so take those first when one is given.
             prefer = ("generator", "generator_ema", "model", "state_dict") if lora is not None else DEFAULT_PREFER
             transformer = load_causal_wan_transformer(

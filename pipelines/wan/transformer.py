@@ -52,6 +52,7 @@ class StreamingWanTransformer(nn.Module):
         self.patch_size = tuple(cfg.patch_size)
         self.in_channels = cfg.in_channels
         self.num_layers = cfg.num_layers
+        self._rope_memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -99,11 +100,23 @@ class StreamingWanTransformer(nn.Module):
         mod = emb.time_proj(emb.act_fn(temb))
         return temb.view(batch, frames, -1), mod.view(batch, frames, 6, -1)
 
+    def _rope(self, positions: list[int], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for frame positions, memoised: the steps and context pass of a chunk share them, and in the
+        bounded mode every steady-state chunk has the same positions."""
+        key = (tuple(positions), grid, self.device)
+        if key not in self._rope_memo:
+            if len(self._rope_memo) >= 8:
+                self._rope_memo.pop(next(iter(self._rope_memo)))
+            self._rope_memo[key] = rope_cos_sin(positions, grid, self.head_dim, device=self.device)
+        return self._rope_memo[key]
+
     # -- shared pieces of the two forward passes
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"latents must be [B, {self.in_channels}, F, h, w], got {list(x.shape)}")
+        if x.device != self.device:
+            raise ValueError(f"latents must be on the model's device {self.device}, got {x.device}")
         tokens = self.wan.patch_embedding(x.to(self.dtype))
         return tokens.flatten(2).transpose(1, 2).contiguous()
 
@@ -179,13 +192,11 @@ class StreamingWanTransformer(nn.Module):
         temb, mod = self._time(timestep, b, frames)
         h = self._embed(x)
         q_pos = cache.chunk_positions(first_frame, frames // self.patch_size[0], position_mode)
-        q_cos, q_sin = rope_cos_sin(q_pos, grid, self.head_dim, device=self.device)
+        q_cos, q_sin = self._rope(q_pos, grid)
         k_cos = k_sin = None
         if position_mode == "bounded":
             # Cached keys are stored unrotated in this mode: their positions change as the window slides.
-            k_cos, k_sin = rope_cos_sin(
-                cache.slot_positions("bounded") + q_pos, grid, self.head_dim, device=self.device
-            )
+            k_cos, k_sin = self._rope(cache.slot_positions("bounded") + q_pos, grid)
 
         for i, block in enumerate(self.wan.blocks):
 
