@@ -2,6 +2,7 @@
 
 stream-runtime generate --prompt "a fox running in snow" --seconds 10 --out clip.mp4
 stream-runtime generate --model Wan2.1-T2V-1.3B-Diffusers --checkpoint self_forcing_dmd.pt --device cuda ...
+stream-runtime serve --port 7860 --max-sessions 4      # websocket server (docs/protocol.md)
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def _stream_overrides(args: argparse.Namespace) -> dict:
             overrides[name] = value
     if args.attention:
         overrides["attention_backend"] = args.attention
+    if args.attention_reuse is not None:
+        overrides["attention_reuse"] = args.attention_reuse
     return overrides
 
 
@@ -113,6 +116,16 @@ def _parse_switches(items: list[str] | None, fps: float) -> list[tuple[int, str]
     return out
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stream_runtime.serving.engine import EngineConfig
+    from stream_runtime.serving.server import serve
+
+    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
+    config = EngineConfig(max_sessions=args.max_sessions, memory_budget_bytes=budget, fps=args.fps)
+    serve(load_pipeline(args), host=args.host, port=args.port, config=config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stream-runtime", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,9 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window-frames", type=int, dest="window_frames")
     s.add_argument("--position-mode", choices=POSITION_MODES, dest="position_mode")
     s.add_argument("--prompt-switch", choices=PROMPT_SWITCH_MODES, dest="prompt_switch")
-    s.add_argument("--attention", choices=available_backends())
+    s.add_argument("--attention", choices=available_backends(), help="self-attention backend (default sdpa)")
+    s.add_argument(
+        "--attention-reuse",
+        type=int,
+        dest="attention_reuse",
+        metavar="N",
+        help="reuse attention to the cached frames across steps, recomputed every N steps (0 off, 1 exact)",
+    )
     _add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve live streams over a websocket (protocol: docs/protocol.md)")
+    srv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    srv.add_argument("--port", type=int, default=7860)
+    srv.add_argument("--max-sessions", type=int, default=4, dest="max_sessions")
+    srv.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        dest="memory_budget_gb",
+        help="KV-cache memory all sessions may hold (default: 90%% of free CUDA memory; none on CPU)",
+    )
+    srv.add_argument("--fps", type=float, default=16.0, help="frame rate the stream is played at (Wan2.1: 16)")
+    _add_model_args(srv)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -43,13 +43,18 @@ def attention(
     v: torch.Tensor,
     backend: str = "sdpa",
     mask: torch.Tensor | None = None,
+    reuse=None,
     **kwargs,
 ) -> torch.Tensor:
     """Softmax attention through the backend named ``backend``.
 
     ``mask`` (optional, bool ``[Lq, Lk]``, True = attend) is for full-sequence reference and training passes;
     streaming chunks need none, since a chunk sees every kept frame and all of its own tokens.
+    ``reuse`` (a :class:`stream_runtime.reuse.CrossStepReuse`) splits a streaming chunk's attention into the
+    cached part and the chunk's own part and may reuse the cached part across denoising steps.
     """
+    if reuse is not None and mask is None:
+        return reuse.attend(q, k, v, **kwargs)
     return get_backend(backend)(q, k, v, mask=mask, **kwargs)
 
 
@@ -59,6 +64,17 @@ def sdpa_attention(q, k, v, mask=None, scale=None, **_):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     )
     return out.transpose(1, 2)
+
+
+def sdpa_cudnn_attention(q, k, v, mask=None, scale=None, **_):
+    """SDPA restricted to its cuDNN backend (faster than flash on H100 at the chunk-vs-cache shape); falls back
+    to the default SDPA choice off CUDA or with a mask."""
+    if not q.is_cuda or mask is not None:
+        return sdpa_attention(q, k, v, mask=mask, scale=scale)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        return sdpa_attention(q, k, v, scale=scale)
 
 
 def naive_attention(q, k, v, mask=None, scale=None, **_):
@@ -71,5 +87,76 @@ def naive_attention(q, k, v, mask=None, scale=None, **_):
     return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
 
 
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, Lq, H, D], lse [B, H, Lq] fp32)``: the Triton kernel on CUDA, the fp32 reference elsewhere."""
+    if q.is_cuda:
+        from stream_runtime.kernels.block_sparse_attn import block_sparse_attention, dense_block_table
+
+        return block_sparse_attention(q, k, v, dense_block_table(q.shape[1], k.shape[1], device=q.device))
+    scale = q.shape[-1] ** -0.5
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    lse = scores.logsumexp(dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", (scores - lse[..., None]).exp(), v.float())
+    return out.to(q.dtype), lse
+
+
+def blocksparse_dense_attention(q, k, v, mask=None, **_):
+    """The Triton block-sparse kernel with every block listed (dense); full-sequence passes use SDPA."""
+    if mask is not None:
+        return sdpa_attention(q, k, v, mask=mask)
+    from stream_runtime.kernels.block_sparse_attn import block_sparse_attention, dense_block_table
+
+    key = ("dense", q.shape[1], k.shape[1], q.device)
+    table = _memo(key, lambda: dense_block_table(q.shape[1], k.shape[1], device=q.device))
+    return block_sparse_attention(q, k, v, table)[0]
+
+
+def radial_attention(q, k, v, mask=None, cache=None, frame_grid=None, **_):
+    """Radial block-sparse attention against the sink + window cache (Triton kernel).
+
+    The block table depends on the temporal distance of each cached frame to the chunk, so it is built once per
+    ring phase of the cache (a handful per stream) and per resolution, then reused by every layer and step.
+    Without a cache (full-sequence passes) this is plain SDPA.
+    """
+    if mask is not None or cache is None:
+        return sdpa_attention(q, k, v, mask=mask)
+    from stream_runtime.kernels.radial import StreamFrameLayout, radial_block_table
+
+    frame_tokens = frame_grid[0] * frame_grid[1]
+    kept = cache.slot_frames[: cache.valid_frames]
+    n_chunk = q.shape[1] // frame_tokens
+    last = max(kept, default=-1)
+    # Times relative to the chunk: the table depends only on distances, so steady-state chunks share tables.
+    chunk_times = tuple(range(1, n_chunk + 1))
+    sinks = cache.layout.sink_frames
+    # Sinks are dense at any distance: give them one fixed time so the table does not change as they recede.
+    far = -(cache.layout.cache_frames + 1)
+    key_times = tuple(far if s < sinks else f - last for s, f in enumerate(kept)) + chunk_times
+    key_is_sink = tuple(s < sinks for s in range(len(kept))) + (False,) * n_chunk
+    key = ("radial", tuple(frame_grid), key_times, key_is_sink, q.device)
+
+    def build():
+        layout = StreamFrameLayout(key_times=key_times, key_is_sink=key_is_sink, query_times=chunk_times)
+        return radial_block_table(frame_grid, layout, device=q.device)
+
+    from stream_runtime.kernels.block_sparse_attn import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, _memo(key, build))[0]
+
+
+_TABLES: dict = {}
+
+
+def _memo(key, build):
+    if key not in _TABLES:
+        if len(_TABLES) >= 64:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = build()
+    return _TABLES[key]
+
+
 register_backend("sdpa", sdpa_attention)
+register_backend("sdpa_cudnn", sdpa_cudnn_attention)
 register_backend("naive", naive_attention)
+register_backend("blocksparse", blocksparse_dense_attention)
+register_backend("radial", radial_attention)

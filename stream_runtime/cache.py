@@ -184,19 +184,19 @@ class RollingKVCache:
             if slot is not None:
                 targets[slot] = i
         moves = sorted(targets.items())
-        if moves:
-            device = next(iter(self.k.values())).device
-            src = torch.cat([torch.arange(scratch + i * ft, scratch + (i + 1) * ft) for _, i in moves])
-            dst = torch.cat([torch.arange(s * ft, (s + 1) * ft) for s, _ in moves])
-            src, dst = src.to(device, non_blocking=True), dst.to(device, non_blocking=True)
-            # index_select copies first, so a destination inside the scratch (cache still filling) is safe.
+        # Copy runs of consecutive frames as slices: no index tensors, so nothing crosses from host to device.
+        # Destinations are free slots (identical to the source: skipped) or evicted ring slots, which all lie
+        # before the scratch region, so no copy overwrites a source that is still to be read.
+        for slot, i, n in _runs(moves):
+            if slot == self.valid_frames + i:
+                continue
+            dst, src = slice(slot * ft, (slot + n) * ft), slice(scratch + i * ft, scratch + (i + n) * ft)
             for layer in self.layers:
-                for buf in (self.k[layer], self.v[layer]):
-                    buf.index_copy_(1, dst, buf.index_select(1, src))
-            if self.latents is not None and latents is not None:
-                slots = torch.tensor([s for s, _ in moves], device=device)
-                frames = torch.tensor([i for _, i in moves], device=device)
-                self.latents.index_copy_(2, slots, latents.index_select(2, frames).to(self.latents.dtype))
+                self.k[layer][:, dst] = self.k[layer][:, src]
+                self.v[layer][:, dst] = self.v[layer][:, src]
+        if self.latents is not None and latents is not None:
+            for slot, i, n in _runs(moves):
+                self.latents[:, :, slot : slot + n] = latents[:, :, i : i + n]
         self._next_slots_commit(num_frames)
         for slot, i in moves:
             self.slot_frames[slot] = first_frame + i
@@ -222,3 +222,14 @@ class RollingKVCache:
         """Bytes held by the buffers (constant for the life of the cache)."""
         tensors = [*self.k.values(), *self.v.values()] + ([self.latents] if self.latents is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _runs(moves: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Group (slot, frame) pairs into runs (first slot, first frame, length) where both advance by one."""
+    runs: list[list[int]] = []
+    for slot, i in moves:
+        if runs and runs[-1][0] + runs[-1][2] == slot and runs[-1][1] + runs[-1][2] == i:
+            runs[-1][2] += 1
+        else:
+            runs.append([slot, i, 1])
+    return [tuple(r) for r in runs]

@@ -56,7 +56,11 @@ class StreamConfig:
     motion_strength_range: tuple[float, float] = (0.5, 0.9)
     """Video-to-video, motion-aware: strength used for still input and for fast input."""
     attention_backend: str = "sdpa"
-    """Name of the self-attention backend in :mod:`stream_runtime.attention` (``sdpa`` or ``naive``)."""
+    """Self-attention backend in :mod:`stream_runtime.attention`: ``sdpa`` (PyTorch), ``naive`` (fp32 reference),
+    ``blocksparse`` (Triton kernel, dense table), ``radial`` (Triton kernel, radial sparse table)."""
+    attention_reuse: int = 0
+    """Cross-step reuse of attention to the cached frames: 0 off; 1 split exactly (equals plain attention); N > 1
+    compute the cached part at step 0 and every N steps and reuse it in between (approximate, faster)."""
     max_text_tokens: int | None = None
     """Override of the text encoder's maximum prompt length (default: the model's)."""
 
@@ -91,6 +95,7 @@ class StreamConfig:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         positive("blend_chunks", self.blend_chunks, 0)
+        positive("attention_reuse", self.attention_reuse, 0)
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         lo, hi = self.motion_strength_range

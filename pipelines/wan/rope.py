@@ -29,7 +29,9 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``[F * h * w, 1, head_dim // 2]`` (float32) for frames at ``frame_positions`` on an ``h x w``
     patch grid, in the frame-major token order of the patch embedding."""
-    frames = torch.as_tensor(frame_positions, dtype=torch.float64, device=device)
+    # Built on the CPU and copied from pinned memory without blocking: positions come from host bookkeeping,
+    # and a plain host-to-device copy would make the host wait for the GPU.
+    frames = torch.as_tensor(frame_positions, dtype=torch.float64)
     h, w = grid
     dt, dh, dw = axis_dims(head_dim)
     dev = frames.device
@@ -45,7 +47,13 @@ def rope_cos_sin(
         ],
         dim=-1,
     ).reshape(n * h * w, 1, head_dim // 2)
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos().float(), angles.sin().float()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        cos, sin = (t.pin_memory().to(device, non_blocking=True) for t in (cos, sin))
+    elif device.type != "cpu":
+        cos, sin = cos.to(device), sin.to(device)
+    return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 
 from stream_runtime.cache import CacheLayout, RollingKVCache
 from stream_runtime.config import StreamConfig
+from stream_runtime.reuse import CrossStepReuse
 
 from . import sampling
 from .vae_stream import StreamingVAEDecoder, StreamingVAEEncoder
@@ -94,6 +95,7 @@ class StreamSession:
         self._inputs: list[np.ndarray] = []
         self._last_input: torch.Tensor | None = None
         self._motion: torch.Tensor | None = None
+        self._reuse = CrossStepReuse(config.attention_reuse) if config.attention_reuse else None
         self.frame = 0  # latent frames generated since the last reset (RoPE frame numbers)
         self.chunk_index = 0
         self.output_frames = 0
@@ -191,7 +193,12 @@ class StreamSession:
         if self.closed:
             raise ValueError("this session is closed; open a new one with pipe.session(...)")
 
-    def _forward(self, x: torch.Tensor, t, first_frame: int) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t, first_frame: int, step: int | None = None) -> torch.Tensor:
+        """One pass over a chunk; ``step`` is the denoising step (None: a context or recache pass, always exact)."""
+        extra = {}
+        if self._reuse is not None:
+            self._reuse.begin_step(step)
+            extra["reuse"] = self._reuse
         return self.net.forward_chunk(
             x,
             t,
@@ -200,6 +207,7 @@ class StreamSession:
             first_frame,
             position_mode=self.config.position_mode,
             backend=self.config.attention_backend,
+            **extra,
         )
 
     def _advance_blend(self) -> None:
@@ -257,7 +265,7 @@ class StreamSession:
         else:
             x, sigmas = self._randn((1, self.latent_shape[0], f, *self.latent_shape[1:])), self._sigmas
         for i, sigma in enumerate(sigmas):
-            flow = self._forward(x, sigma * 1000.0, self.frame)
+            flow = self._forward(x, sigma * 1000.0, self.frame, step=i)
             x0 = sampling.to_x0(x, flow.float(), sigma)
             if i + 1 < len(sigmas):
                 x = sampling.add_noise(x0, self._randn(x0.shape), sigmas[i + 1])

@@ -90,7 +90,10 @@ class StreamingWanTransformer(nn.Module):
     def _time(self, timestep: torch.Tensor | float, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-frame time embedding ``[B, F, dim]`` and block modulation input ``[B, F, 6, dim]``."""
         emb = self.wan.condition_embedder
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device)
+        if isinstance(timestep, torch.Tensor):
+            t = timestep.to(device=self.device, dtype=torch.float32)
+        else:  # a kernel fill, not a host-to-device copy: no synchronisation
+            t = torch.full((), float(timestep), dtype=torch.float32, device=self.device)
         if t.shape not in ((), (batch,), (batch, frames)):
             raise ValueError(f"timestep must be a scalar, [B] or [B, F] = {[batch, frames]}, got {list(t.shape)}")
         t = t.reshape(-1, 1).expand(batch, frames) if t.ndim < 2 else t
@@ -207,7 +210,9 @@ class StreamingWanTransformer(nn.Module):
                 else:
                     k_all, v_all = cache.store_current(layer, k, v)
                     k_all = apply_rope(k_all, k_cos, k_sin)
-                return attention(q, k_all, v_all, backend=backend, layer=layer, **attn_kwargs)
+                return attention(
+                    q, k_all, v_all, backend=backend, layer=layer, cache=cache, frame_grid=grid, **attn_kwargs
+                )
 
             h = self._block(block, h, frames, mod, text[i], self_attn)
         return self._head(h, temb, (b, frames, *grid))

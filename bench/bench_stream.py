@@ -1,0 +1,193 @@
+"""Streaming throughput of the real session path with random weights (throughput does not depend on weight values).
+
+Configurations (issue: GPU performance), at 480x832 on the Wan2.1 1.3B (or 14B) shape, bf16:
+  t2v: 3 latent frames per chunk, steps [1000, 750, 500, 250] + clean context pass, 3 sink + 9 window frames
+  v2v: 1 latent frame per chunk, steps [700, 500], 3 sink + 3 window frames, VAE encode of the input included
+
+Figures: DiT-only FPS (generate_latents), end-to-end FPS (next_chunk: DiT + streaming VAE decode + copy to host,
+plus encode for v2v), warm time to first frame, p50/p99 chunk latency, peak GPU memory, achieved TFLOP/s of the
+DiT against the GPU's measured bf16 matmul rate. Writes JSON and a markdown table to --out.
+
+    python bench/bench_stream.py --out bench/results             # GPU
+    python bench/bench_stream.py --tiny --out /tmp/bench          # CPU smoke run of the script itself
+
+The text encoder is a one-layer UMT5 of the real width (4096): prompt encoding is outside the timed region
+(it happens once per prompt), so its depth does not change any figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import time
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from stream_runtime.config import text_to_video_config, video_to_video_config
+from stream_runtime.pipelines.wan import presets
+from stream_runtime.pipelines.wan.pipeline import StreamPipeline
+from stream_runtime.pipelines.wan.text import build_word_tokenizer
+from stream_runtime.pipelines.wan.vae_stream import tiny_vae_config
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start, iters = time.perf_counter(), 10
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def build(args, device, dtype) -> StreamPipeline:
+    words = "a fox running in snow".split()
+    tok = build_word_tokenizer(words)
+    if args.tiny:
+        tcfg, vcfg, text_dim = presets.tiny_transformer_config(in_channels=4), tiny_vae_config(), 32
+    else:
+        tcfg = presets.WAN_14B if args.model == "14b" else presets.WAN_1_3B
+        vcfg, text_dim = {}, tcfg["text_dim"]
+    with torch.device(device):
+        transformer = WanTransformer3DModel(**tcfg).to(dtype)
+        vae = AutoencoderKLWan(**vcfg).to(dtype)
+        enc_cfg = presets.tiny_text_encoder_config(len(tok), d_model=text_dim)
+        enc_cfg.update(num_layers=1, d_ff=256, num_heads=8, d_kv=text_dim // 8)
+        text_encoder = UMT5EncoderModel(UMT5Config(**enc_cfg)).to(dtype)
+    defaults = {"height": args.height, "width": args.width, "max_text_tokens": 16 if args.tiny else 512}
+    return StreamPipeline(transformer, vae, text_encoder, tok, defaults).to(device)
+
+
+def dit_flops_per_chunk(pipe: StreamPipeline, cfg, height: int, width: int, text_tokens: int) -> float:
+    """Matmul FLOPs of the DiT for one chunk (all steps and the context pass), attention included."""
+    c = pipe.transformer.config
+    d = c.num_attention_heads * c.attention_head_dim
+    per_frame = (height // pipe.spatial_factor) * (width // pipe.spatial_factor)
+    q = cfg.chunk_frames * per_frame
+    k = (cfg.sink_frames + cfg.window_frames) * per_frame
+    linear = 2 * q * (4 * d * d + 2 * d * d + 2 * d * c.ffn_dim)
+    attn = 4 * q * k * d + 4 * q * text_tokens * d
+    passes = len(cfg.timesteps) + int(cfg.context_pass)
+    return passes * c.num_layers * (linear + attn)
+
+
+def run_config(pipe, name, cfg, args, device) -> dict:
+    mode = "v2v" if name == "v2v" else "t2v"
+    frames_in = np.random.default_rng(0).integers(0, 256, (4 * 64, args.height, args.width, 3), dtype=np.uint8)
+
+    def open_session():
+        s = pipe.session("a fox running in snow", seed=0, mode=mode, config=cfg)
+        if mode == "v2v":
+            s.push_frames(frames_in)
+        return s
+
+    # warm-up (kernels, allocator), then time to first frame on the warm model
+    warm = open_session()
+    for _ in range(args.warmup):
+        warm.next_chunk()
+    warm.close()
+    sync(device)
+    start = time.perf_counter()
+    s = open_session()
+    first = s.next_chunk()
+    ttff = time.perf_counter() - start
+    assert first is not None
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    dit, e2e, out_frames = [], [], []
+    for _ in range(args.chunks):
+        sync(device)
+        t0 = time.perf_counter()
+        s.generate_latents()
+        sync(device)
+        dit.append(time.perf_counter() - t0)
+    for _ in range(args.chunks):
+        t0 = time.perf_counter()
+        out = s.next_chunk()  # ends with a copy to the host, so it is synchronised
+        e2e.append(time.perf_counter() - t0)
+        out_frames.append(len(out))
+    frames_per_chunk = statistics.median(out_frames)
+    flops = dit_flops_per_chunk(pipe, cfg, args.height, args.width, pipe.prompts.max_tokens)
+    return {
+        "config": name,
+        "dit_chunk_s_median": statistics.median(dit),
+        "dit_fps": frames_per_chunk / statistics.median(dit),
+        "e2e_chunk_s_median": statistics.median(e2e),
+        "e2e_chunk_s_p99": float(np.percentile(e2e, 99)),
+        "e2e_fps": frames_per_chunk / statistics.median(e2e),
+        "ttff_s": ttff,
+        "frames_per_chunk": frames_per_chunk,
+        "dit_tflops": flops / statistics.median(dit) / 1e12,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["1.3b", "14b"], default="1.3b")
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--configs", default="t2v,v2v")
+    ap.add_argument("--chunks", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--attention", default="sdpa")
+    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, measures nothing real")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    if args.tiny:
+        args.height, args.width, args.chunks, args.warmup = 32, 32, 2, 1
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    pipe = build(args, device, dtype)
+    base = {"attention_backend": args.attention}
+    configs = {
+        "t2v": text_to_video_config(**base),
+        "v2v": video_to_video_config(**base),
+    }
+    matmul = matmul_tflops(device, dtype, 256 if args.tiny else 8192)
+    rows = []
+    for name in args.configs.split(","):
+        row = run_config(pipe, name, configs[name], args, device)
+        row["matmul_tflops"] = matmul
+        row["dit_fraction_of_matmul_roof"] = row["dit_tflops"] / matmul
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": "tiny" if args.tiny else args.model,
+        "resolution": [args.height, args.width],
+        "dtype": str(dtype),
+        "attention": args.attention,
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"stream_{meta['model']}_{args.attention}_{meta['date']}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    cols = ["config", "dit_fps", "e2e_fps", "ttff_s", "e2e_chunk_s_p99", "dit_tflops", "peak_mem_gib"]
+    lines = [f"{meta}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

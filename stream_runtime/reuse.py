@@ -1,0 +1,65 @@
+"""Cross-step reuse of attention to the cached frames (after FlashBlock).
+
+Within a chunk the cached frames' K/V do not change across denoising steps; only the chunk's own tokens do.
+Attention therefore splits exactly into a part over the cached keys and a part over the chunk's own keys, merged
+with their log-sum-exps. With ``refresh_every = 1`` every step recomputes both parts (exact: equals plain
+attention). With ``refresh_every = N > 1`` the cached part computed at step 0 (and every N steps) is reused at the
+steps in between: the queries of later steps differ, so this is an approximation that trades quality for the
+largest share of the chunk's attention cost (chunk-vs-cache). The clean context pass is always exact, so what goes
+into the cache is unaffected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stream_runtime.attention import attention_with_lse
+
+
+class CrossStepReuse:
+    """Per-session state: the session calls :meth:`begin_step` before each pass (``step=None`` for exact passes).
+
+    Example::
+
+        reuse = CrossStepReuse(refresh_every=2)
+        reuse.begin_step(0)   # computes and keeps the cached part
+        reuse.begin_step(1)   # reuses it
+    """
+
+    def __init__(self, refresh_every: int = 1) -> None:
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every!r}")
+        self.refresh_every = refresh_every
+        self.step: int | None = None
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reused = 0  # count of cached-part computations skipped (for tests and metrics)
+
+    def begin_step(self, step: int | None) -> None:
+        """``step``: index of the denoising step within the chunk; None for a pass that must be exact."""
+        self.step = step
+        if step == 0:
+            self._saved.clear()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0, **_) -> torch.Tensor:
+        n_cached = k.shape[1] - q.shape[1]
+        if n_cached <= 0:
+            return attention_with_lse(q, k, v)[0]
+        refresh = self.step is None or self.step % self.refresh_every == 0 or layer not in self._saved
+        if refresh:
+            cached = attention_with_lse(q, k[:, :n_cached], v[:, :n_cached])
+            if self.step is not None:
+                self._saved[layer] = cached
+        else:
+            cached = self._saved[layer]
+            self.reused += 1
+        own = attention_with_lse(q, k[:, n_cached:], v[:, n_cached:])
+        return merge(cached, own).to(q.dtype)
+
+
+def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Softmax attention over the union of two disjoint key sets from each part's ``(out, lse)``."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = (lse_a - lse).exp().transpose(1, 2)[..., None]  # [B, L, H, 1]
+    w_b = (lse_b - lse).exp().transpose(1, 2)[..., None]
+    return out_a.float() * w_a + out_b.float() * w_b
