@@ -4,9 +4,9 @@ Configurations (issue: GPU performance), at 480x832 on the Wan2.1 1.3B (or 14B) 
   t2v: 3 latent frames per chunk, steps [1000, 750, 500, 250] + clean context pass, 3 sink + 9 window frames
   v2v: 1 latent frame per chunk, steps [700, 500], 3 sink + 3 window frames, VAE encode of the input included
 
-Figures: DiT-only FPS (generate_latents), end-to-end FPS (next_chunk: DiT + streaming VAE decode + copy to host,
-plus encode for v2v), warm time to first frame, p50/p99 chunk latency, peak GPU memory, achieved TFLOP/s of the
-DiT against the GPU's measured bf16 matmul rate. Writes JSON and a markdown table to --out.
+Figures: DiT-only FPS (denoising steps + context pass, VAE excluded), VAE encode/decode times, end-to-end FPS
+(next_chunk: DiT + streaming VAE decode + copy to host, plus encode for v2v), warm time to first frame, p50/p99
+chunk latency, peak GPU memory, achieved TFLOP/s of the DiT against the GPU's measured bf16 matmul rate. Writes JSON and a markdown table to --out.
 
     python bench/bench_stream.py --out bench/results             # GPU
     python bench/bench_stream.py --tiny --out /tmp/bench          # CPU smoke run of the script itself
@@ -108,13 +108,14 @@ def run_config(pipe, name, cfg, args, device) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    dit, e2e, out_frames = [], [], []
+    dit, encode, decode, e2e, out_frames = [], [], [], [], []
+    s.profile = True  # per-phase times, with device syncs around each phase
     for _ in range(args.chunks):
-        sync(device)
-        t0 = time.perf_counter()
-        s.generate_latents()
-        sync(device)
-        dit.append(time.perf_counter() - t0)
+        s.next_chunk()
+        dit.append(s.timings["denoise_s"])
+        decode.append(s.timings["decode_s"])
+        encode.append(s.timings.get("encode_s", 0.0))
+    s.profile = False
     for _ in range(args.chunks):
         t0 = time.perf_counter()
         out = s.next_chunk()  # ends with a copy to the host, so it is synchronised
@@ -126,6 +127,8 @@ def run_config(pipe, name, cfg, args, device) -> dict:
         "config": name,
         "dit_chunk_s_median": statistics.median(dit),
         "dit_fps": frames_per_chunk / statistics.median(dit),
+        "vae_encode_chunk_s_median": statistics.median(encode),
+        "vae_decode_chunk_s_median": statistics.median(decode),
         "e2e_chunk_s_median": statistics.median(e2e),
         "e2e_chunk_s_p99": float(np.percentile(e2e, 99)),
         "e2e_fps": frames_per_chunk / statistics.median(e2e),
@@ -181,7 +184,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"stream_{meta['model']}_{args.attention}_{meta['date']}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    cols = ["config", "dit_fps", "e2e_fps", "ttff_s", "e2e_chunk_s_p99", "dit_tflops", "peak_mem_gib"]
+    cols = [
+        "config",
+        "dit_fps",
+        "e2e_fps",
+        "ttff_s",
+        "e2e_chunk_s_p99",
+        "vae_encode_chunk_s_median",
+        "vae_decode_chunk_s_median",
+        "dit_tflops",
+        "peak_mem_gib",
+    ]
     lines = [f"{meta}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")

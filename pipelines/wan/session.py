@@ -14,6 +14,7 @@ frames to the host, which is what the caller asked for.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -101,6 +102,9 @@ class StreamSession:
         self.output_frames = 0
         self.last_chunk: ChunkInfo | None = None
         self.closed = False
+        self.profile = False
+        """Set True to record per-phase wall times in :attr:`timings` (synchronises the device: benchmarks only)."""
+        self.timings: dict[str, float] = {}
 
     # -- context manager and iteration
 
@@ -237,7 +241,8 @@ class StreamSession:
         batch, self._inputs = self._inputs[:need], self._inputs[need:]
         pixels = torch.from_numpy(np.stack(batch)).to(self.pipe.device)
         pixels = pixels.permute(3, 0, 1, 2)[None].to(self.pipe.vae.dtype) / 127.5 - 1.0  # [1, 3, T, H, W]
-        z = self.encoder.encode(pixels).float()
+        with self._phase("encode_s"):
+            z = self.encoder.encode(pixels).float()
         strength = self.config.strength
         if self.config.motion_aware:
             prev = pixels[:, :, :1] if self._last_input is None else self._last_input
@@ -264,6 +269,15 @@ class StreamSession:
             x, sigmas = start
         else:
             x, sigmas = self._randn((1, self.latent_shape[0], f, *self.latent_shape[1:])), self._sigmas
+        with self._phase("denoise_s"):
+            x0 = self._denoise(x, sigmas)
+        self.cache.commit(self.frame, f, latents=x0)
+        self.frame += f
+        self.chunk_index += 1
+        return x0
+
+    def _denoise(self, x: torch.Tensor, sigmas: list) -> torch.Tensor:
+        """The step loop and the context pass of one chunk; returns the clean latents."""
         for i, sigma in enumerate(sigmas):
             flow = self._forward(x, sigma * 1000.0, self.frame, step=i)
             x0 = sampling.to_x0(x, flow.float(), sigma)
@@ -271,10 +285,19 @@ class StreamSession:
                 x = sampling.add_noise(x0, self._randn(x0.shape), sigmas[i + 1])
         if self.config.context_pass:
             self._forward(x0, 0.0, self.frame)
-        self.cache.commit(self.frame, f, latents=x0)
-        self.frame += f
-        self.chunk_index += 1
         return x0
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        if not self.profile:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.pipe.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.timings[name] = time.perf_counter() - start
 
     @torch.no_grad()
     def next_chunk(self) -> np.ndarray | None:
@@ -283,7 +306,8 @@ class StreamSession:
         x0 = self.generate_latents()
         if x0 is None:
             return None
-        pixels = self.decoder.decode(x0.to(self.pipe.vae.dtype))  # [1, 3, T, H, W] in [-1, 1]
+        with self._phase("decode_s"):
+            pixels = self.decoder.decode(x0.to(self.pipe.vae.dtype))  # [1, 3, T, H, W] in [-1, 1]
         frames = ((pixels[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
         out = frames.permute(1, 2, 3, 0).cpu().numpy()
         self.last_chunk = ChunkInfo(self.chunk_index - 1, self.output_frames, len(out), time.perf_counter() - start)
