@@ -5,8 +5,10 @@ Configurations (issue: GPU performance), at 480x832 on the Wan2.1 1.3B (or 14B) 
   v2v: 1 latent frame per chunk, steps [700, 500], 3 sink + 3 window frames, VAE encode of the input included
 
 Figures: DiT-only FPS (denoising steps + context pass, VAE excluded), VAE encode/decode times, end-to-end FPS
-(next_chunk: DiT + streaming VAE decode + copy to host, plus encode for v2v), warm time to first frame, p50/p99
-chunk latency, peak GPU memory, achieved TFLOP/s of the DiT against the GPU's measured bf16 matmul rate. Writes JSON and a markdown table to --out.
+(next_chunk: DiT + streaming VAE decode + copy to host, plus encode for v2v), warm time to first frame,
+p50/p99 chunk latency, peak GPU memory, achieved TFLOP/s of the DiT against the GPU's measured bf16 matmul
+rate.
+Writes JSON and a markdown table to --out.
 
     python bench/bench_stream.py --out bench/results             # GPU
     python bench/bench_stream.py --tiny --out /tmp/bench          # CPU smoke run of the script itself
