@@ -85,3 +85,13 @@ def test_video_writer_round_trip_and_checks(tmp_path):
         VideoWriter(tmp_path / "a.avi")
     with pytest.raises(ValueError, match="uint8"):
         VideoWriter(tmp_path / "b.mp4").write(np.zeros((1, 16, 16, 3), np.float32))
+
+
+def test_console_script_is_installed():
+    import shutil
+    import subprocess
+
+    exe = shutil.which("stream-runtime")
+    assert exe, "the stream-runtime console script is not on PATH: is the package installed (pip install -e .)?"
+    out = subprocess.run([exe, "generate", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--prompt" in out and "--seconds" in out
