@@ -1,4 +1,4 @@
-"""``stream-runtime`` command line.
+"""The stream-runtime command line.
 
 stream-runtime generate --prompt "a fox running in snow" --seconds 10 --out clip.mp4
 stream-runtime generate --model Wan2.1-T2V-1.3B-Diffusers --checkpoint self_forcing_dmd.pt --device cuda ...

@@ -181,3 +181,11 @@ def test_unknown_words_policy(tmp_path):
     enc = PromptEncoder(tok, text_encoder=None, unknown_words="error")
     with pytest.raises(ValueError, match=r"does not know: \['fox'\].*Known words: a, circle, red"):
         enc("a red fox")
+
+
+def test_set_config_changes_steps_but_not_the_cache_layout(pipe):
+    s = pipe.session("a red fox", seed=0, chunk_frames=1)
+    s.set_config(s.config.replace(timesteps=(1000.0, 500.0)))
+    s.generate_latents()
+    with pytest.raises(ValueError, match=r"cannot change \['window_frames'\]"):
+        s.set_config(s.config.replace(window_frames=5))

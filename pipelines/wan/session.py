@@ -153,6 +153,19 @@ class StreamSession:
         elif policy == "recache":
             self.recache()
 
+    # Fields that shape the cache or the stream's geometry cannot change on a live session.
+    _FIXED_FIELDS = ("chunk_frames", "sink_frames", "window_frames", "position_mode", "attention_reuse")
+
+    def set_config(self, config: StreamConfig) -> None:
+        """Change per-chunk settings (step list, shift, strength, motion control, blending, switch policy,
+        attention backend) from the next chunk on. Fields that fix the cache layout must stay as they are."""
+        self._check_open()
+        changed = [f for f in self._FIXED_FIELDS if getattr(config, f) != getattr(self.config, f)]
+        if changed:
+            raise ValueError(f"cannot change {changed} on a live session; open a new session instead")
+        self.config = config
+        self._sigmas = sampling.sigmas_for(config.timesteps, config.shift)
+
     def push_frames(self, frames: np.ndarray | torch.Tensor) -> None:
         """Buffer input frames for video-to-video: uint8 ``[T, H, W, 3]`` (RGB) at the session's resolution."""
         self._check_open()
