@@ -20,7 +20,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Literal
 
 from .container import DecodedFrame
-from .decode import IntervalResult, decode_interval
+from .decode import IntervalResult, decode_interval, decode_sequential
 from .errors import IngestError
 from .index import Interval, StreamIndex, plan_intervals, scan_stream
 from .ordered import ordered_map
@@ -65,7 +65,9 @@ def decode_parallel(
         decoder_threads: FFmpeg threads per worker's decoder (``None``: PyAV's default).
 
     The file is indexed when this is called (missing or unreadable files raise ``IngestError`` here);
-    decoding happens as the iterator is consumed. A file with one keyframe decodes as one interval.
+    decoding happens as the iterator is consumed. A file with one keyframe decodes as one interval; a
+    stream whose packets lack timestamps (raw ``.h264``) is decoded sequentially. The process backend
+    starts workers with a fork server: a script using it needs the ``if __name__ == "__main__":`` guard.
 
     Example::
 
@@ -81,6 +83,11 @@ def decode_parallel(
     if not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise ValueError(f"max_in_flight: expected an int >= 1, got {max_in_flight!r}")
     index = scan_stream(path, options=options)
+    if not index.splittable:
+        # No pts on some packets (raw elementary streams): pts ranges are undefined, decode in one pass.
+        return decode_sequential(
+            index.path, sampling=sampling, resize=resize, options=options, decoder_threads=decoder_threads
+        )
     intervals = plan_intervals(index, sampling, min_interval_frames)
     task = functools.partial(
         decode_interval, index.path, resize=resize, options=options, decoder_threads=decoder_threads

@@ -30,7 +30,7 @@ import numpy as np
 from .container import is_url, open_video
 from .decode import decode_sequential
 from .errors import IngestError
-from .parallel import Backend, decode_parallel
+from .parallel import BACKENDS, Backend, decode_parallel
 from .sampling import Resize, Sampling, check_rgb_frame
 
 TimedFrame = tuple[float, np.ndarray]
@@ -73,7 +73,14 @@ class FileSource(FrameSource):
     ``workers > 1`` decodes a local file with ``decode_parallel`` (same frames as ``workers=1``);
     URLs are always decoded sequentially (a live stream cannot be indexed up front). The input is
     opened once here to fail early (``IngestError``) and to fill ``width``, ``height``, ``fps``.
-    Each iteration decodes from the start.
+    Each iteration decodes from the start. ``options`` go to FFmpeg when opening, e.g.
+    ``{"rw_timeout": "5000000"}`` (microseconds) so a dead network source fails instead of hanging.
+
+    Example::
+
+        source = FileSource("long.mp4", workers=4, sampling=Sampling(fps=8), resize=Resize(width=832))
+        for timestamp, frame in prefetch(source, maxsize=16):
+            ...
     """
 
     def __init__(
@@ -89,6 +96,8 @@ class FileSource(FrameSource):
         super().__init__(sampling=sampling, resize=resize)
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.path = os.fspath(path)
         self.workers = workers
         self.backend = backend
@@ -130,7 +139,7 @@ class WebcamSource(FrameSource):
         try:
             import cv2
         except ImportError as err:
-            raise IngestError(str(device), "WebcamSource needs opencv-python(-headless) installed") from err
+            raise ImportError("WebcamSource needs OpenCV: pip install opencv-python-headless") from err
         self._cv2 = cv2
         self.device = device
         self._name = f"camera {device}" if isinstance(device, int) else str(device)
