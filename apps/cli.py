@@ -103,17 +103,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _parse_switches(items: list[str] | None, fps: float) -> list[tuple[int, str]]:
-    out = []
-    for item in items or []:
-        at, sep, prompt = item.partition(":")
-        try:
-            seconds = float(at)
-        except ValueError:
-            seconds = -1.0
-        if not sep or seconds < 0 or not prompt.strip():
-            raise ValueError(f"--switch must look like SECONDS:PROMPT (e.g. '5:a fox in a desert'), got {item!r}")
-        out.append((round(seconds * fps), prompt))
-    return out
+    """``--switch SECONDS:PROMPT`` items as (output frame number, prompt)."""
+    from stream_runtime.serving.client import parse_switch
+
+    return [(round(seconds * fps), prompt) for seconds, prompt in map(parse_switch, items or [])]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
