@@ -144,6 +144,7 @@ def test_save_and_load_roundtrip(pipe, tmp_path):
         (dict(window_frames=1, chunk_frames=2), "window_frames counts the chunk"),
         (dict(timesteps=(500.0, 750.0)), "decreasing"),
         (dict(position_mode="relative"), "position_mode must be one of"),
+        (dict(attention_backend="flash3"), "attention backend must be one of"),
     ],
 )
 def test_session_bad_arguments(pipe, kwargs, match):

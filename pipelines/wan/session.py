@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stream_runtime.attention import get_backend
 from stream_runtime.cache import CacheLayout, RollingKVCache
 from stream_runtime.config import StreamConfig
 from stream_runtime.reuse import CrossStepReuse
@@ -67,6 +68,7 @@ class StreamSession:
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         pipe.check_resolution(height, width)
+        get_backend(config.attention_backend)  # an unknown name fails here, not at the first chunk
         self.pipe, self.net, self.config, self.mode = pipe, pipe.net, config, mode
         self.height, self.width = height, width
         device, dtype = pipe.device, pipe.dtype
@@ -127,6 +129,9 @@ class StreamSession:
         """Release the cache and VAE state (the pipeline's weights stay loaded)."""
         self.closed = True
         self.cache = None
+        self.decoder.reset()
+        if self.encoder is not None:
+            self.encoder.reset()
         self._inputs.clear()
 
     # -- live controls
