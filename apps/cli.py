@@ -2,12 +2,13 @@
 
 stream-runtime generate --prompt "a fox running in snow" --seconds 10 --out clip.mp4
 stream-runtime generate --model Wan2.1-T2V-1.3B-Diffusers --checkpoint self_forcing_dmd.pt --device cuda ...
-stream-runtime serve --port 7860 --max-sessions 4      # websocket server (docs/protocol.md)
+stream-runtime serve --port 7860 --max-sessions 4      # the app at http://127.0.0.1:7860/ + websocket server
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import sys
@@ -115,8 +116,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
     config = EngineConfig(max_sessions=args.max_sessions, memory_budget_bytes=budget, fps=args.fps)
-    serve(load_pipeline(args), host=args.host, port=args.port, config=config)
+    extra_mount = app_path = None
+    if not args.no_app and importlib.util.find_spec("gradio") is None:
+        print("gradio is not installed: serving without the app (pip install gradio==6.31.0 to get it)")
+    elif not args.no_app:
+        extra_mount, app_path = _mount_app, "/"
+    serve(
+        load_pipeline(args), host=args.host, port=args.port, config=config, extra_mount=extra_mount, app_path=app_path
+    )
     return 0
+
+
+def _mount_app(app):
+    from stream_runtime.apps.gradio_app import mount  # gradio takes seconds to import: only when serving
+
+    return mount(app, path="/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    srv = sub.add_parser("serve", help="serve live streams over a websocket (protocol: docs/protocol.md)")
+    srv = sub.add_parser("serve", help="serve the Gradio app and live streams over a websocket (docs/protocol.md)")
     srv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    srv.add_argument("--no-app", action="store_true", dest="no_app", help="the websocket only, without the Gradio app")
     srv.add_argument("--port", type=int, default=7860)
     srv.add_argument("--max-sessions", type=int, default=4, dest="max_sessions")
     srv.add_argument(
