@@ -1,6 +1,10 @@
 import os
 
-import torch
+# The tests run tiny models: one intra-op thread is as fast, and two threads spin against each other (and against
+# the engine and server threads of the serving tests) on a 2-core machine, slowing some tests several-fold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Triton kernels run in Triton's interpreter without CUDA; @triton.jit reads this when a kernel is defined, so it
 # must be set before any test module imports triton (diffusers may import it indirectly).

@@ -54,13 +54,15 @@ class StreamingWanTransformer(nn.Module):
         self.num_layers = cfg.num_layers
         self._rope_memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    # Read off one weight: diffusers' ModelMixin.device/.dtype walk every module, which costs more than a whole
+    # tiny-model forward on a CPU.
     @property
     def dtype(self) -> torch.dtype:
-        return self.wan.dtype
+        return self.wan.patch_embedding.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.wan.device
+        return self.wan.patch_embedding.weight.device
 
     def grid(self, latent_height: int, latent_width: int) -> tuple[int, int]:
         """Patch grid (rows, columns) of one latent frame."""
