@@ -84,11 +84,11 @@ class StreamPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return self.net.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return self.net.dtype
 
     @property
     def spatial_factor(self) -> int:

@@ -86,6 +86,7 @@ class StreamSession:
             dtype=dtype,
             device=device,
         )
+        self._vae_dtype = next(pipe.vae.parameters()).dtype  # diffusers' .dtype walks every module
         self.decoder = StreamingVAEDecoder(pipe.vae)
         self.encoder = StreamingVAEEncoder(pipe.vae) if mode == "v2v" else None
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -258,7 +259,7 @@ class StreamSession:
             return None
         batch, self._inputs = self._inputs[:need], self._inputs[need:]
         pixels = torch.from_numpy(np.stack(batch)).to(self.pipe.device)
-        pixels = pixels.permute(3, 0, 1, 2)[None].to(self.pipe.vae.dtype) / 127.5 - 1.0  # [1, 3, T, H, W]
+        pixels = pixels.permute(3, 0, 1, 2)[None].to(self._vae_dtype) / 127.5 - 1.0  # [1, 3, T, H, W]
         with self._phase("encode_s"):
             z = self.encoder.encode(pixels).float()
         strength = self.config.strength
@@ -325,7 +326,7 @@ class StreamSession:
         if x0 is None:
             return None
         with self._phase("decode_s"):
-            pixels = self.decoder.decode(x0.to(self.pipe.vae.dtype))  # [1, 3, T, H, W] in [-1, 1]
+            pixels = self.decoder.decode(x0.to(self._vae_dtype))  # [1, 3, T, H, W] in [-1, 1]
         frames = ((pixels[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
         out = frames.permute(1, 2, 3, 0).cpu().numpy()
         self.last_chunk = ChunkInfo(self.chunk_index - 1, self.output_frames, len(out), time.perf_counter() - start)
