@@ -78,10 +78,19 @@ def _latent_stats(z: torch.Tensor, vae: AutoencoderKLWan, name: str) -> tuple[to
             f"`{name}` must be a 5-D latent tensor [B, {len(mean)}, F, h, w] "
             f"(channels = len(vae.config.latents_mean)); got shape {tuple(z.shape)}"
         )
-    shape = (1, len(mean), 1, 1, 1)
-    mean_t = torch.tensor(mean, device=z.device, dtype=z.dtype).view(shape)
-    std_t = torch.tensor(std, device=z.device, dtype=z.dtype).view(shape)
-    return mean_t, std_t
+    # Memoised per (device, dtype): building them from Python lists is a host-to-device copy, which on a GPU
+    # makes the host wait; a streamed chunk must not.
+    key = (tuple(mean), tuple(std), z.device, z.dtype)
+    if key not in _STATS:
+        shape = (1, len(mean), 1, 1, 1)
+        _STATS[key] = (
+            torch.tensor(mean, dtype=z.dtype).view(shape).to(z.device),
+            torch.tensor(std, dtype=z.dtype).view(shape).to(z.device),
+        )
+    return _STATS[key]
+
+
+_STATS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def normalize_latents(z: torch.Tensor, vae: AutoencoderKLWan) -> torch.Tensor:
@@ -174,9 +183,11 @@ def _check_input(name: str, x: torch.Tensor, vae: AutoencoderKLWan, layout: str,
         raise ValueError(f"`{name}` must be a 5-D tensor {layout}; got shape {tuple(x.shape)}")
     if x.shape[1] != channels:
         raise ValueError(f"`{name}` must have {channels} channels (dim 1 of {layout}); got shape {tuple(x.shape)}")
-    if x.dtype != vae.dtype or x.device != vae.device:
+    weight = next(vae.parameters())  # diffusers' vae.dtype/.device walk every module: too slow per chunk
+    if x.dtype != weight.dtype or x.device != weight.device:
         raise ValueError(
-            f"`{name}` must have the VAE's dtype and device ({vae.dtype}, {vae.device}); got ({x.dtype}, {x.device})"
+            f"`{name}` must have the VAE's dtype and device ({weight.dtype}, {weight.device}); "
+            f"got ({x.dtype}, {x.device})"
         )
 
 
