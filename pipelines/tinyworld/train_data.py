@@ -1,0 +1,154 @@
+"""Training data of the tiny-world model: rendered clips for the VAE, encoded latent streams for the transformer.
+
+Only training seeds (:func:`world.train_seeds`) are ever rendered here; the held-out prompts stay unseen.
+
+Example::
+
+    clips = ClipDataset(frames=9, size=64, seed=0)          # endless float [3, 9, 64, 64] clips in [-1, 1]
+    streams = encode_streams(vae, count=512, latent_frames=12)  # LatentStreams: [512, z, 12, 8, 8] + captions
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+
+from stream_runtime.pipelines.wan.vae_stream import StreamingVAEEncoder
+
+from .model import NATIVE_SIZE, frames_to_pixels
+from .world import HELD_OUT_COUNT, caption, render, render_frames, sample_spec, split_of, train_seeds
+
+START_FRAME_RANGE = 256
+"""VAE clips start anywhere in the first this many frames of a scene's stream (the first frame of a clip is
+encoded alone whatever it shows, so it need not be the scene's frame 0)."""
+SEED_SPACE = 1 << 31
+"""VAE clips draw their scene seeds from ``HELD_OUT_COUNT .. SEED_SPACE - 1``."""
+
+
+def random_train_seed(rng: np.random.Generator) -> int:
+    """A uniformly drawn training seed (redrawn while it is held out or repeats a held-out caption)."""
+    while True:
+        seed = int(rng.integers(HELD_OUT_COUNT, SEED_SPACE))
+        if split_of(seed) == "train":
+            return seed
+
+
+def check_clip_frames(frames: int, temporal_factor: int = 4) -> None:
+    if frames < 1 or (frames - 1) % temporal_factor:
+        raise ValueError(
+            f"frames: expected 1 + {temporal_factor}k frames (the VAE's first frame is alone), got {frames}"
+        )
+
+
+class ClipDataset(torch.utils.data.IterableDataset):
+    """Endless clips ``float [3, frames, crop, crop]`` in [-1, 1] from training seeds, deterministic in ``seed``.
+
+    Each clip is a random training scene from a random start frame, rendered at ``size`` and, with ``crop``,
+    cut to a random ``crop x crop`` square (the VAE is convolutional: crops train it on a quarter of the pixels
+    at the same object scale). With DataLoader workers, worker ``i`` of ``n`` takes every n-th clip, so the
+    stream of clips is the same for any worker count.
+    """
+
+    def __init__(self, frames: int, size: int = NATIVE_SIZE, crop: int | None = None, seed: int = 0) -> None:
+        check_clip_frames(frames)
+        if crop is not None and not 8 <= crop <= size:
+            raise ValueError(f"crop: expected None or 8 <= crop <= size ({size}), got {crop}")
+        self.frames, self.size, self.crop, self.seed = frames, size, crop, seed
+
+    def clip(self, index: int) -> torch.Tensor:
+        """The ``index``-th clip of the stream (what iteration yields at that position)."""
+        rng = np.random.default_rng([self.seed, index])
+        scene = sample_spec(random_train_seed(rng))
+        start = int(rng.integers(START_FRAME_RANGE))
+        frames = render_frames(scene, start, self.frames, self.size, self.size)
+        if self.crop is not None and self.crop < self.size:
+            top, left = (int(v) for v in rng.integers(0, self.size - self.crop + 1, size=2))
+            frames = frames[:, top : top + self.crop, left : left + self.crop]
+        return frames_to_pixels(frames)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for index in itertools.count(worker, workers):
+            yield self.clip(index)
+
+
+def clip_loader(dataset: ClipDataset, batch: int, workers: int) -> Iterator[torch.Tensor]:
+    """Endless batches ``[batch, 3, T, H, W]``."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
+    return iter(loader)
+
+
+# --------------------------------------------------------------------------------------------- latents
+
+
+def stream_pixel_frames(latent_frames: int, temporal_factor: int = 4) -> int:
+    """Video frames that encode to ``latent_frames`` latent frames from a stream's start (1 + 4(n - 1))."""
+    return 1 + temporal_factor * (latent_frames - 1)
+
+
+def _render_stream(args: tuple[int, int, int]) -> tuple[np.ndarray, str]:
+    seed, frames, size = args
+    spec = sample_spec(seed)
+    return render(spec, frames, size, size), caption(spec)
+
+
+@dataclass
+class LatentStreams:
+    """Encoded training streams, each from its scene's frame 0."""
+
+    latents: torch.Tensor
+    """float ``[N, z_dim, L, h, w]``: normalised latents (posterior mode), what the transformer generates."""
+    captions: list[str]
+    """The N captions."""
+    seeds: list[int]
+    """The N training seeds."""
+
+
+@torch.no_grad()
+def encode_streams(
+    vae: AutoencoderKLWan,
+    count: int,
+    latent_frames: int,
+    size: int = NATIVE_SIZE,
+    batch: int = 64,
+    workers: int = 0,
+    first_seed: int = 0,
+) -> LatentStreams:
+    """Render ``count`` training scenes (training seeds from the ``first_seed``-th on) for ``latent_frames``
+    latent frames and encode them with ``vae`` through the streaming encoder (the path a video input takes).
+
+    ``workers`` > 0 renders in that many processes (spawned: the parent may hold a CUDA context), a batch at a
+    time, so memory holds one batch of video. Latents are returned on the CPU.
+    """
+    seeds = list(itertools.islice(train_seeds(first_seed), count))
+    frames = stream_pixel_frames(latent_frames, vae.config.scale_factor_temporal)
+    jobs = [(s, frames, size) for s in seeds]
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else None
+    rendered = pool.map(_render_stream, jobs, chunksize=16) if pool else map(_render_stream, jobs)
+    latents, captions = [], []
+    try:
+        while True:
+            group = list(itertools.islice(rendered, batch))
+            if not group:
+                break
+            pixels = frames_to_pixels(np.stack([clip for clip, _ in group])).to(device=vae.device, dtype=vae.dtype)
+            latents.append(StreamingVAEEncoder(vae).encode(pixels).float().cpu())
+            captions.extend(text for _, text in group)
+    finally:
+        if pool:
+            pool.shutdown()
+    return LatentStreams(torch.cat(latents), captions, seeds)

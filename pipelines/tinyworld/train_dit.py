@@ -1,0 +1,431 @@
+"""Stage 2 of the tiny-world model: train the block-causal ``WanTransformer3DModel`` (and the UMT5 prompt encoder)
+by flow matching on the trained VAE's latents.
+
+Usage::
+
+    python -m stream_runtime.pipelines.tinyworld.train_dit --vae runs/vae --out runs/dit --minutes 10 --device cuda
+
+What a training sequence is. The stream (``model.STREAM``) generates one chunk at a time while attending to the
+sink frames (the stream's first latent frames) and a window of the most recent frames, with ``bounded`` RoPE
+positions: sinks at 0..S-1, the window after them, whatever the stream's age. A training sequence is exactly
+that view: latent frames ``[0 .. S-1]`` of an encoded stream followed by ``W`` consecutive frames starting at a
+random chunk-aligned ``k >= S`` (``k = S``: a fresh stream, no gap), at positions ``0 .. S+W-1``, under
+:func:`block_causal_mask` with the stream's chunk, sink and window. For a fresh stream the training pass equals
+the stream's computation exactly (``tests/test_tinyworld_train.py`` checks it); with a gap, the last chunk sees
+what the stream shows it, but the window frames' own keys come from a pass over the shorter history before them.
+
+Objectives (``--objective``):
+
+- ``teacher`` (default): the sequence twice, ``[context | noisy]``. The context copy is the clean latents plus
+  a little noise (noisy-context augmentation: what the stream caches are the model's own imperfect estimates)
+  at timestep 0, as the stream's context pass writes them; the noisy copy has its own noise level per chunk
+  (diffusion forcing) and attends to the context copy's earlier chunks through the same sink + window mask,
+  plus its own chunk. Every chunk is a target with the context the stream will give it.
+- ``diffusion``: one sequence, each chunk with its own noise level (diffusion forcing); a random share of the
+  chunks before the last are context instead (lightly noised, timestep 0, no loss).
+
+Noise levels are the stream's own shifted step list with probability ``grid_prob`` (few-step sampling only ever
+asks for those) and shifted-uniform otherwise. The loss is the MSE to the flow ``noise - x0`` (Wan's convention,
+``pipelines.wan.sampling``). An EMA of the weights is what gets saved.
+
+Measured on one H100 (bf16 autocast): ``--batch 256 --layers 6 --clips 6144 --latent-frames 12 --workers 14
+--encode-batch 256`` renders and encodes its data in 35 s and trains about 12 steps/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import pathlib
+import time
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from stream_runtime.config import StreamConfig
+from stream_runtime.pipelines.wan import sampling
+from stream_runtime.pipelines.wan.transformer import StreamingWanTransformer, block_causal_mask
+
+from . import train_common as common
+from .model import (
+    NATIVE_SIZE,
+    STREAM,
+    build_tokenizer,
+    check_stream_layout,
+    encode_tokens,
+    stream_fields,
+    stream_from_fields,
+    text_encoder_config,
+    tokenize,
+    transformer_config,
+)
+from .train_data import LatentStreams, encode_streams
+
+LOG_FILE = "train_log.json"
+OBJECTIVES = ("teacher", "diffusion")
+
+
+@dataclass(frozen=True)
+class DiTTrainConfig:
+    """One transformer training run."""
+
+    vae: str
+    """Folder of the trained VAE (``train_vae --out``)."""
+    out: str
+    """Folder for ``transformer/``, ``text_encoder/``, ``tokenizer/`` and ``train_log.json``."""
+    minutes: float = 10.0
+    """Wall-clock budget of the whole stage (data encoding included)."""
+    steps: int | None = None
+    """Fixed step count (reproducible); None: as many as fit ``minutes``."""
+    device: str = "cpu"
+    seed: int = 0
+    batch: int = 256
+    """Sequences per step (the measured H100 recipe; use fewer on a CPU)."""
+    size: int = NATIVE_SIZE
+    """Render resolution of the training streams (the model's native one)."""
+    clips: int = 6144
+    """Training streams rendered and encoded once at the start."""
+    latent_frames: int = 12
+    """Latent frames encoded per stream: the window starts anywhere up to ``latent_frames - window``."""
+    layers: int = 6
+    heads: int = 4
+    head_dim: int = 32
+    text_dim: int = 64
+    text_layers: int = 2
+    text: str = "train"
+    """``train``: the prompt encoder learns with the transformer; ``frozen``: it keeps its random weights."""
+    objective: str = "teacher"
+    """``teacher`` or ``diffusion`` (see the module docstring)."""
+    lr: float = 5e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ema: float = 0.999
+    context_noise: float = 0.1
+    """Largest noise level added to context chunks (their timestep stays 0)."""
+    context_prob: float = 0.5
+    """``diffusion`` objective: share of the chunks before the last that are context."""
+    fresh_prob: float = 0.3
+    """Share of sequences that are a stream's start (window right after the sinks)."""
+    grid_prob: float = 0.5
+    """Share of chunk noise levels taken from the stream's shifted step list."""
+    train_shift: float = 3.0
+    """Shift of the shifted-uniform noise levels."""
+    chunk_frames: int = STREAM.chunk_frames
+    sink_frames: int = STREAM.sink_frames
+    window_frames: int = STREAM.window_frames
+    timesteps: tuple[float, ...] = STREAM.timesteps
+    shift: float = STREAM.shift
+    workers: int = 0
+    """Processes rendering the training streams."""
+    encode_batch: int = 256
+    log_every: int = 50
+
+    def stream(self) -> StreamConfig:
+        """The stream this run trains for (saved with the weights; ``export`` writes it as the default)."""
+        return STREAM.replace(
+            chunk_frames=self.chunk_frames,
+            sink_frames=self.sink_frames,
+            window_frames=self.window_frames,
+            timesteps=tuple(self.timesteps),
+            shift=self.shift,
+        )
+
+
+# -------------------------------------------------------------------------------------------- sequences
+
+
+def teacher_forcing_mask(num_frames: int, stream: StreamConfig, device=None) -> torch.Tensor:
+    """Frame mask ``[2T, 2T]`` over ``[context | noisy]`` copies of a T-frame sequence.
+
+    Context frames attend like the stream's context pass (``block_causal_mask`` with the stream's chunk, sink
+    and window); a noisy chunk attends to the context frames its chunk may see in earlier chunks, plus itself:
+    what the stream's denoising passes see in the cache and the chunk.
+    """
+    base = block_causal_mask(num_frames, stream.chunk_frames, stream.sink_frames, stream.window_frames, device=device)
+    chunk = torch.arange(num_frames, device=device) // stream.chunk_frames
+    earlier = chunk[None, :] < chunk[:, None]
+    same = chunk[None, :] == chunk[:, None]
+    top = torch.cat([base, torch.zeros_like(base)], dim=1)
+    bottom = torch.cat([base & earlier, same], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def sequence_frames(
+    batch: int, stream: StreamConfig, stream_frames: int, fresh_prob: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Latent frame indices ``[batch, S + W]`` of training sequences: the sinks, then a window from a random
+    chunk-aligned start ``k`` in ``S .. stream_frames - W`` (``k = S`` with probability ``fresh_prob``)."""
+    s, w, c = stream.sink_frames, stream.window_frames, stream.chunk_frames
+    if stream_frames < s + w:
+        raise ValueError(f"latent_frames: expected >= sink + window = {s + w}, got {stream_frames}")
+    starts = (stream_frames - w - s) // c + 1  # chunk-aligned choices of k
+    k = s + c * torch.randint(starts, (batch,), generator=generator)
+    fresh = torch.rand(batch, generator=generator) < fresh_prob
+    k = torch.where(fresh, torch.full_like(k, s), k)
+    sinks = torch.arange(s).expand(batch, s)
+    return torch.cat([sinks, k[:, None] + torch.arange(w)], dim=1)
+
+
+def sample_sigmas(
+    batch: int, chunks: int, grid: torch.Tensor, grid_prob: float, shift: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Per-chunk noise levels ``[batch, chunks]`` in (0, 1]: a level of ``grid`` with probability ``grid_prob``,
+    else shifted-uniform."""
+    u = 1.0 - torch.rand(batch, chunks, generator=generator)  # (0, 1]
+    shifted = sampling.shifted_sigma(u * 1000.0, shift)
+    pick = grid[torch.randint(len(grid), (batch, chunks), generator=generator)]
+    use_grid = torch.rand(batch, chunks, generator=generator) < grid_prob
+    return torch.where(use_grid, pick, shifted).clamp_min(1e-3)
+
+
+def flow_loss(
+    net: StreamingWanTransformer,
+    x0: torch.Tensor,
+    text_kv,
+    cfg: DiTTrainConfig,
+    stream: StreamConfig,
+    grid: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one batch of clean sequences ``x0 [B, C, T, h, w]`` (see the module docstring) and
+    its parts, detached (reading them is left to the logging steps: no host sync per step)."""
+    b, _, frames = x0.shape[:3]
+    c = stream.chunk_frames
+    chunks = frames // c
+    device = x0.device
+
+    def per_frame(v: torch.Tensor) -> torch.Tensor:  # [B, chunks] -> [B, 1, T, 1, 1]
+        return v.repeat_interleave(c, dim=1).to(device)[:, None, :, None, None]
+
+    def randn() -> torch.Tensor:
+        return torch.randn(x0.shape, generator=generator).to(device)
+
+    sigma = sample_sigmas(b, chunks, grid, cfg.grid_prob, cfg.train_shift, generator)
+    context_sigma = torch.rand(b, chunks, generator=generator) * cfg.context_noise
+    noise = randn()
+    target = noise - x0
+    if cfg.objective == "teacher":
+        x_t = sampling.add_noise(x0, noise, per_frame(sigma))
+        x_ctx = sampling.add_noise(x0, randn(), per_frame(context_sigma))
+        seq = torch.cat([x_ctx, x_t], dim=2)
+        t = torch.cat([torch.zeros(b, frames), 1000.0 * sigma.repeat_interleave(c, dim=1)], dim=1).to(device)
+        mask = teacher_forcing_mask(frames, stream, device)
+        positions = list(range(frames)) * 2
+        pred = net.forward_full(seq, t, text_kv, frame_mask=mask, frame_positions=positions)[:, :, frames:]
+        loss = (pred.float() - target).pow(2).mean()
+    else:
+        context = torch.rand(b, chunks, generator=generator) < cfg.context_prob
+        context[:, -1] = False  # the last chunk always learns
+        level = torch.where(context, context_sigma, sigma)
+        x_t = sampling.add_noise(x0, noise, per_frame(level))
+        t = 1000.0 * torch.where(context, torch.zeros_like(sigma), sigma).repeat_interleave(c, dim=1)
+        mask = block_causal_mask(frames, c, stream.sink_frames, stream.window_frames, device=device)
+        pred = net.forward_full(x_t, t.to(device), text_kv, frame_mask=mask)
+        weight = per_frame((~context).float()).expand_as(target)
+        loss = ((pred.float() - target).pow(2) * weight).sum() / weight.sum().clamp_min(1.0)
+    return loss, {"loss": loss.detach()}
+
+
+@torch.no_grad()
+def loss_per_level(
+    net: StreamingWanTransformer,
+    x0: torch.Tensor,
+    text_kv,
+    stream: StreamConfig,
+    grid: torch.Tensor,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Teacher-forcing loss of a fixed batch with every chunk at one of the stream's noise levels, per level:
+    how well the model does exactly where the sampler asks."""
+    frames = x0.shape[2]
+    mask = teacher_forcing_mask(frames, stream, x0.device)
+    out = {}
+    for s in grid.tolist():
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        seq = torch.cat([x0, sampling.add_noise(x0, noise, s)], dim=2)
+        t = torch.tensor([0.0] * frames + [1000.0 * s] * frames, device=x0.device).expand(x0.shape[0], -1)
+        pred = net.forward_full(seq, t, text_kv, frame_mask=mask, frame_positions=list(range(frames)) * 2)
+        out[f"{s:.3f}"] = (pred[:, :, frames:].float() - (noise - x0)).pow(2).mean().item()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ train
+
+
+def build_models(cfg: DiTTrainConfig, vae: AutoencoderKLWan, vocab_size: int):
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(**text_encoder_config(vocab_size, d_model=cfg.text_dim, layers=cfg.text_layers))
+    )
+    wan = WanTransformer3DModel(
+        **transformer_config(vae.config.z_dim, cfg.text_dim, layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim)
+    )
+    return wan, text_encoder
+
+
+def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
+    """Run one transformer training stage; return its log (also written to ``cfg.out/train_log.json``).
+
+    ``streams`` skips rendering and encoding (tests, or several runs over one data set).
+    """
+    stage_start = time.perf_counter()
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {cfg.objective!r}")
+    if cfg.text not in ("train", "frozen"):
+        raise ValueError(f"text: expected 'train' or 'frozen', got {cfg.text!r}")
+    stream = cfg.stream()
+    check_stream_layout(stream)
+    device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed)
+    out = pathlib.Path(cfg.out)
+    vae = AutoencoderKLWan.from_pretrained(cfg.vae).to(device).eval().requires_grad_(False)
+
+    if streams is None:
+        common.log(f"rendering and encoding {cfg.clips} training streams of {cfg.latent_frames} latent frames")
+        streams = encode_streams(
+            vae, cfg.clips, cfg.latent_frames, cfg.size, batch=cfg.encode_batch, workers=cfg.workers
+        )
+    latents = streams.latents.to(device)
+    data_seconds = time.perf_counter() - stage_start
+    std = latents.std().item()
+    common.log(f"latents {list(latents.shape)}, std {std:.3f} ({data_seconds:.0f} s)")
+
+    tokenizer = build_tokenizer()
+    ids, attn = (t.to(device) for t in tokenize(tokenizer, streams.captions))
+    wan, text_encoder = build_models(cfg, vae, len(tokenizer))
+    wan, text_encoder = wan.to(device).train(), text_encoder.to(device)
+    net = StreamingWanTransformer(wan)
+    trainable = list(wan.parameters())
+    if cfg.text == "train":
+        text_encoder.train()
+        trainable += list(text_encoder.parameters())
+    else:
+        text_encoder.eval().requires_grad_(False)
+        with torch.no_grad():
+            frozen_embeds = torch.cat(
+                [encode_tokens(text_encoder, i, m) for i, m in zip(ids.split(256), attn.split(256), strict=True)]
+            )
+    both = torch.nn.ModuleList([wan, text_encoder])
+    ema = common.Ema(both, cfg.ema)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    params = sum(p.numel() for p in wan.parameters()), sum(p.numel() for p in text_encoder.parameters())
+    common.log(f"transformer {params[0] / 1e6:.2f}M, text encoder {params[1] / 1e6:.2f}M parameters")
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    grid = torch.tensor(sampling.sigmas_for(stream.timesteps, stream.shift), dtype=torch.float32)
+    n = latents.shape[0]
+
+    def batch_at(rows: torch.Tensor) -> tuple[torch.Tensor, list]:
+        frames = sequence_frames(len(rows), stream, latents.shape[2], cfg.fresh_prob, generator).to(device)
+        rows = rows.to(device)
+        x0 = latents[rows[:, None], :, frames].permute(0, 2, 1, 3, 4)  # [B, C, T, h, w]
+        if cfg.text == "train":
+            embeds = encode_tokens(text_encoder, ids[rows], attn[rows])
+        else:
+            embeds = frozen_embeds[rows]
+        return x0, net.text_kv(embeds)
+
+    budget = cfg.minutes * 60 * (1 - common.SAVE_RESERVE) - (time.perf_counter() - stage_start)
+    plan = common.StepPlan(cfg.steps, budget)
+    history, window, step = [], [], 0
+    first_loss = None
+    while not plan.done(step):
+        lr = common.lr_at(step, plan.total(step), cfg.lr, cfg.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = torch.randint(n, (cfg.batch,), generator=generator)
+        with common.autocast(device):
+            x0, text_kv = batch_at(rows)
+            loss, parts = flow_loss(net, x0, text_kv, cfg, stream, grid, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        ema.update()
+        window.append(parts["loss"])
+        first_loss = parts["loss"].item() if first_loss is None else first_loss
+        step += 1
+        if step % cfg.log_every == 0 or plan.done(step):
+            mean = torch.stack(window).mean().item()
+            history.append({"step": step, "seconds": plan.elapsed, "lr": lr, "loss": mean})
+            common.log(f"step {step}/{plan.total(step)}  loss {mean:.4f}  lr {lr:.2e}")
+            window = []
+    train_seconds = plan.elapsed
+
+    final = copy.deepcopy(both)
+    ema.copy_to(final)
+    final_wan, final_text = final[0].eval(), final[1].eval()
+    eval_net = StreamingWanTransformer(final_wan)
+    val_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    rows = torch.randperm(n, generator=val_gen)[: min(n, 64)].to(device)
+    with torch.no_grad(), common.autocast(device):
+        frames = sequence_frames(len(rows), stream, latents.shape[2], cfg.fresh_prob, val_gen).to(device)
+        x0 = latents[rows[:, None], :, frames].permute(0, 2, 1, 3, 4)
+        text_kv = eval_net.text_kv(encode_tokens(final_text, ids[rows], attn[rows]))
+        per_level = loss_per_level(eval_net, x0, text_kv, stream, grid, val_gen)
+    common.log(f"EMA loss per noise level (teacher forcing, training streams): {per_level}")
+
+    final_wan.save_pretrained(out / "transformer")
+    final_text.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "tokenizer")
+    result = {
+        "stage": "dit",
+        "config": dataclasses.asdict(cfg),
+        "stream": stream_fields(stream),
+        "parameters": {"transformer": params[0], "text_encoder": params[1]},
+        "latent_std": std,
+        "planned_steps": plan.total(step),
+        "steps": step,
+        "stopped_by_time": plan.stopped_by_time,
+        "first_loss": first_loss,
+        "data_seconds": data_seconds,
+        "train_seconds": train_seconds,
+        "stage_seconds": time.perf_counter() - stage_start,
+        "device": str(device),
+        "history": history,
+        "ema_loss_per_level": per_level,
+    }
+    common.write_json(out / LOG_FILE, result)
+    common.log(f"saved {out} after {step} steps ({train_seconds:.0f} s of training)")
+    return result
+
+
+def load_trained_for(dit_folder: str | pathlib.Path) -> tuple[StreamConfig, int]:
+    """The stream and the resolution a ``train_dit`` output was trained for."""
+    path = pathlib.Path(dit_folder) / LOG_FILE
+    if not path.is_file():
+        raise ValueError(f"dit folder: expected {str(path)!r}, written by train_dit; it is missing")
+    log = json.loads(path.read_text())
+    return stream_from_fields(log["stream"]), int(log["config"]["size"])
+
+
+def parse_args(argv: list[str] | None = None) -> DiTTrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = DiTTrainConfig(vae="", out="")
+    parser.add_argument("--vae", required=True, help="folder of the trained VAE")
+    parser.add_argument("--out", required=True, help="folder for the trained transformer and text encoder")
+    for field in dataclasses.fields(DiTTrainConfig):
+        if field.name in ("vae", "out"):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        value = getattr(defaults, field.name)
+        if field.name == "steps":
+            parser.add_argument(flag, type=int, default=None)
+        elif field.name == "timesteps":
+            parser.add_argument(flag, type=float, nargs="+", default=list(value))
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    args["timesteps"] = tuple(args["timesteps"])
+    return DiTTrainConfig(**args)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Tiny-world training code on CPU at tiny shapes: each stage overfits a fixed batch, and the stages chain into a
+folder that ``StreamPipeline.from_pretrained`` streams from."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+from stream_runtime import StreamConfig, StreamPipeline
+from stream_runtime.cache import CacheLayout, RollingKVCache
+from stream_runtime.pipelines.tinyworld import export, model, train_dit, train_vae
+from stream_runtime.pipelines.tinyworld.train_data import ClipDataset
+from stream_runtime.pipelines.tinyworld.world import caption, sample_spec
+from stream_runtime.pipelines.wan.transformer import StreamingWanTransformer
+
+SIZE = 32  # smallest square the transformer's 16-pixel patches tile twice
+TINY_VAE = dict(base_dim=4, z_dim=4)
+TINY_DIT = dict(layers=1, heads=2, head_dim=8, text_dim=16, text_layers=1)
+STEPS = 6
+
+
+def overfit(loss_fn, params, lr: float, steps: int = STEPS) -> list[float]:
+    """Adam steps on one fixed batch (and fixed noise): the losses."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_vae_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**model.vae_config(**TINY_VAE))
+    data = ClipDataset(frames=5, size=16, seed=0)  # the VAE alone takes any multiple of 8
+    pixels = torch.stack([data.clip(0), data.clip(1)])
+
+    def loss_fn():
+        return train_vae.vae_loss(vae, pixels, kl_weight=1e-4, generator=torch.Generator().manual_seed(0))[0]
+
+    losses = overfit(loss_fn, vae.parameters(), lr=3e-3)
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("objective", train_dit.OBJECTIVES)
+def test_dit_loss_decreases_on_a_fixed_batch(objective):
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**model.vae_config(**TINY_VAE))
+    stream = model.STREAM
+    frames = model.stream_sequence_frames(stream)
+    x0 = torch.randn(2, vae.config.z_dim, frames, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(1))
+    captions = [caption(sample_spec(seed)) for seed in (200, 201)]
+    cfg = train_dit.DiTTrainConfig(vae="", out="", objective=objective, **TINY_DIT)
+    tokenizer = model.build_tokenizer()
+    wan, text_encoder = train_dit.build_models(cfg, vae, len(tokenizer))
+    net = StreamingWanTransformer(wan)
+    ids, mask = model.tokenize(tokenizer, captions)
+    grid = torch.tensor([0.9, 0.5])
+
+    def loss_fn():
+        text_kv = net.text_kv(model.encode_tokens(text_encoder, ids, mask))
+        generator = torch.Generator().manual_seed(0)  # same noise every step: an overfit check
+        return train_dit.flow_loss(net, x0, text_kv, cfg, stream, grid, generator)[0]
+
+    losses = overfit(loss_fn, [*wan.parameters(), *text_encoder.parameters()], lr=1e-2)
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_teacher_forcing_mask_matches_the_stream_view():
+    stream = StreamConfig(chunk_frames=1, sink_frames=1, window_frames=2)
+    mask = train_dit.teacher_forcing_mask(4, stream)
+    context, noisy_to_context, noisy_to_noisy = mask[:4, :4], mask[4:, :4], mask[4:, 4:]
+    assert not mask[:4, 4:].any()  # context never sees noisy frames
+    # noisy frame 3 sees the sink (0) and the one window frame before it (2), not 1, and not itself clean
+    assert noisy_to_context[3].tolist() == [True, False, True, False]
+    assert noisy_to_noisy.equal(torch.eye(4, dtype=torch.bool))
+    assert context[3].tolist() == [True, False, True, True]
+
+
+def test_sequences_start_with_the_sinks_and_keep_the_window_contiguous():
+    stream = StreamConfig(chunk_frames=2, sink_frames=2, window_frames=4)
+    frames = train_dit.sequence_frames(64, stream, 12, 0.3, torch.Generator().manual_seed(0))
+    assert frames.shape == (64, 6)
+    assert (frames[:, :2] == torch.tensor([0, 1])).all()
+    assert (frames[:, 3:] - frames[:, 2:-1] == 1).all()
+    starts = frames[:, 2]
+    assert ((starts % 2 == 0) & (starts >= 2) & (starts <= 8)).all()
+
+
+def test_tokenizer_knows_every_caption_word():
+    tokenizer = model.build_tokenizer()
+    captions = [caption(sample_spec(seed)) for seed in range(200)]
+    ids, _ = model.tokenize(tokenizer, captions)  # raises on an unknown word
+    assert ids.shape[1] == model.max_text_tokens()
+
+
+def test_stages_chain_into_a_streamable_folder(tmp_path):
+    vae_dir, dit_dir, out = tmp_path / "vae", tmp_path / "dit", tmp_path / "tinyworld"
+    vae_log = train_vae.train(
+        train_vae.VAETrainConfig(
+            out=str(vae_dir), steps=2, batch=2, frames=5, size=SIZE, stats_clips=2, eval_clips=0, **TINY_VAE
+        )
+    )
+    assert vae_log["steps"] == 2 and len(vae_log["latents_std"]) == TINY_VAE["z_dim"]
+    dit_log = train_dit.train(
+        train_dit.DiTTrainConfig(
+            vae=str(vae_dir), out=str(dit_dir), steps=2, batch=2, size=SIZE, clips=2, latent_frames=6, **TINY_DIT
+        )
+    )
+    assert dit_log["steps"] == 2 and np.isfinite(dit_log["first_loss"])
+    summary = export.export(str(vae_dir), str(dit_dir), str(out))
+    assert summary["megabytes"] < export.MAX_MB
+
+    pipe = StreamPipeline.from_pretrained(out)
+    assert pipe.default_resolution == (SIZE, SIZE)
+    assert pipe.stream_config() == model.STREAM
+    with pipe.session("a small red circle moving up-left on a grey top and navy bottom background", seed=0) as s:
+        first, second = next(s), next(s)
+    assert first.shape == (1, SIZE, SIZE, 3) and second.shape == (4, SIZE, SIZE, 3)
+    assert first.dtype == np.uint8
+    with pytest.raises(ValueError, match="purple"):
+        pipe.session("a small purple circle moving left on a black background")
+
+
+def test_teacher_forcing_pass_equals_the_stream():
+    """Each noisy chunk of the [context | noisy] training pass gets exactly the flow the stream computes for it
+    from the cache (context passes at t=0, bounded positions), over a fresh stream of sink + window frames."""
+    torch.manual_seed(0)
+    stream = model.STREAM
+    cfg = model.transformer_config(4, 16, layers=2, heads=2, head_dim=8)
+    net = StreamingWanTransformer(WanTransformer3DModel(**cfg).eval())
+    frames = model.stream_sequence_frames(stream)
+    g = torch.Generator().manual_seed(1)
+    clean, noisy = torch.randn(1, 4, frames, 4, 4, generator=g), torch.randn(1, 4, frames, 4, 4, generator=g)
+    text = net.text_kv(torch.randn(1, 5, 16, generator=g))
+    t = 600.0
+    layout = CacheLayout(4, stream.sink_frames, stream.window_frames, stream.chunk_frames)
+    cache = RollingKVCache(layout, net.num_layers, 1, net.heads, net.head_dim)
+    streamed = []
+    with torch.no_grad():
+        for lo in range(0, frames, stream.chunk_frames):
+            hi = lo + stream.chunk_frames
+            streamed.append(net.forward_chunk(noisy[:, :, lo:hi], t, text, cache, lo, stream.position_mode))
+            net.forward_chunk(clean[:, :, lo:hi], 0.0, text, cache, lo, stream.position_mode)
+            cache.commit(lo, stream.chunk_frames)
+        steps = torch.tensor([[0.0] * frames + [t] * frames])
+        mask = train_dit.teacher_forcing_mask(frames, stream)
+        full = net.forward_full(torch.cat([clean, noisy], 2), steps, text, mask, list(range(frames)) * 2)
+    torch.testing.assert_close(torch.cat(streamed, 2), full[:, :, frames:], atol=1e-5, rtol=1e-5)
