@@ -3,6 +3,7 @@
 stream-runtime generate --prompt "a fox running in snow" --seconds 10 --out clip.mp4
 stream-runtime generate --model Wan2.1-T2V-1.3B-Diffusers --checkpoint self_forcing_dmd.pt --device cuda ...
 stream-runtime serve --port 7860 --max-sessions 4      # the app at http://127.0.0.1:7860/ + websocket server
+stream-runtime serve --host 0.0.0.0 --token auto      # other machines too: every client needs the printed token
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import importlib.util
 import logging
 import math
+import os
 import sys
 import time
 
@@ -111,18 +113,36 @@ def _parse_switches(items: list[str] | None, fps: float) -> list[tuple[int, str]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from stream_runtime.serving.auth import TOKEN_ENV, resolve_token
     from stream_runtime.serving.engine import EngineConfig
+    from stream_runtime.serving.limits import ClientLimits
     from stream_runtime.serving.server import serve
 
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    resolve_token(args.host, token)  # refuse a public host without a token before loading the model
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
     config = EngineConfig(max_sessions=args.max_sessions, memory_budget_bytes=budget, fps=args.fps)
+    limits = ClientLimits(
+        max_text_bytes=int(args.max_text_kb * 2**10),
+        max_frame_bytes=None if args.max_frame_mb is None else int(args.max_frame_mb * 2**20),
+        messages_per_second=args.message_rate,
+        message_burst=args.message_burst,
+        send_buffer_bytes=None if args.send_buffer_kb is None else int(args.send_buffer_kb * 2**10),
+    )
     extra_mount = app_path = None
     if not args.no_app and importlib.util.find_spec("gradio") is None:
         print("gradio is not installed: serving without the app (pip install gradio==6.31.0 to get it)")
     elif not args.no_app:
         extra_mount, app_path = _mount_app, "/"
     serve(
-        load_pipeline(args), host=args.host, port=args.port, config=config, extra_mount=extra_mount, app_path=app_path
+        load_pipeline(args),
+        host=args.host,
+        port=args.port,
+        config=config,
+        extra_mount=extra_mount,
+        app_path=app_path,
+        token=token,
+        limits=limits,
     )
     return 0
 
@@ -134,6 +154,8 @@ def _mount_app(app):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stream_runtime.serving.limits import ClientLimits  # light: no server dependencies
+
     parser = argparse.ArgumentParser(prog="stream-runtime", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -177,6 +199,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV-cache memory all sessions may hold (default: 90%% of free CUDA memory; none on CPU)",
     )
     srv.add_argument("--fps", type=float, default=16.0, help="frame rate the stream is played at (Wan2.1: 16)")
+    a = srv.add_argument_group("access and per-client limits (docs/protocol.md)")
+    a.add_argument(
+        "--token",
+        help="clients must send this token (required unless --host is loopback); 'auto': a random one, printed in "
+        "the URLs (default: $STREAM_RUNTIME_TOKEN)",
+    )
+    defaults = ClientLimits()
+    a.add_argument(
+        "--max-text-kb",
+        type=float,
+        default=defaults.max_text_bytes / 2**10,
+        dest="max_text_kb",
+        help="largest JSON control message",
+    )
+    a.add_argument(
+        "--max-frame-mb",
+        type=float,
+        dest="max_frame_mb",
+        help="largest binary input frame (default: an RGBA frame at the largest resolution, plus 64 KiB)",
+    )
+    a.add_argument(
+        "--message-rate",
+        type=float,
+        default=defaults.messages_per_second,
+        dest="message_rate",
+        help="client messages per second (token bucket); beyond it they are dropped",
+    )
+    a.add_argument("--message-burst", type=int, default=defaults.message_burst, dest="message_burst")
+    a.add_argument(
+        "--send-buffer-kb",
+        type=float,
+        dest="send_buffer_kb",
+        help="kernel send buffer per connection: a slow client's backlog before its stale chunks are dropped "
+        "(default: the kernel's autotuning, up to 4 MiB)",
+    )
     _add_model_args(srv)
     srv.set_defaults(func=cmd_serve)
     return parser

@@ -33,10 +33,13 @@ THEME_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 """System fonts: the default theme would fetch Google Fonts, which an offline server cannot reach."""
 
 
-def player_html(ws_path: str = "/ws", height: int = 64, width: int = 64) -> str:
-    """The player's elements; ``player.js`` finds them by id and reads the websocket path from ``data-ws-path``."""
+def player_html(ws_path: str = "/ws", height: int = 64, width: int = 64, token: str | None = None) -> str:
+    """The player's elements; ``player.js`` finds them by id and reads the websocket path from ``data-ws-path`` and
+    the server's token, if it has one, from ``data-token`` (it adds it to the websocket URL: browsers send no
+    headers there). Only clients that hold the token can load the page's config, so it tells nobody new."""
+    token_attr = "" if token is None else f' data-token="{html.escape(token, quote=True)}"'
     return f"""
-<div id="sr-player" data-ws-path="{html.escape(ws_path, quote=True)}">
+<div id="sr-player" data-ws-path="{html.escape(ws_path, quote=True)}"{token_attr}>
   <canvas id="sr-canvas" width="{width}" height="{height}"></canvas>
   <pre id="sr-stats">press Start to stream</pre>
   <p id="sr-status">idle</p>
@@ -54,7 +57,7 @@ def player_head() -> str:
     return f"<script>\n{script}\n</script>"
 
 
-def build_blocks(limits: dict, ws_path: str = "/ws") -> gr.Blocks:
+def build_blocks(limits: dict, ws_path: str = "/ws", token: str | None = None) -> gr.Blocks:
     """The controls and the player for a server with ``limits`` (``Engine.limits()``, as in the ``hello`` event).
 
     Example::
@@ -72,7 +75,7 @@ def build_blocks(limits: dict, ws_path: str = "/ws") -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=3):
                 gr.HTML(
-                    player_html(ws_path, limits["default_height"], limits["default_width"]),
+                    player_html(ws_path, limits["default_height"], limits["default_width"], token),
                     js_on_load=None,
                     elem_id="sr-player-block",
                 )
@@ -146,8 +149,9 @@ def player_css() -> str:
 
 def mount(app: FastAPI, path: str = "/") -> FastAPI:
     """Mount the app on a :func:`~stream_runtime.serving.server.build_app` app (its ``/ws``, ``/metrics``,
-    ``/health`` and ``/recordings/`` keep precedence); use as ``build_app(engine, extra_mount=mount)``."""
-    blocks = build_blocks(app.state.engine.limits(), ws_path="/ws")
+    ``/health`` and ``/recordings/`` keep precedence); use as ``build_app(engine, extra_mount=mount)``. With a token
+    (``build_app(..., token=...)``) the page is behind it too and passes it to the websocket."""
+    blocks = build_blocks(app.state.engine.limits(), ws_path="/ws", token=getattr(app.state, "token", None))
     theme = gr.themes.Default(font=THEME_FONTS, font_mono=["ui-monospace", "monospace"])
     return gr.mount_gradio_app(
         app,

@@ -6,6 +6,7 @@ outboxes' notify callbacks, and the engine's ``step`` counter records the order 
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from stream_runtime.serving import (
     SessionUpdate,
 )
 from stream_runtime.serving.api import timesteps_for_steps
+from stream_runtime.serving.engine import _Live
 from stream_runtime.serving.metrics import Metrics, prometheus_text
 
 SIZE = 32
@@ -147,6 +149,23 @@ def test_slow_consumer_gets_the_newest_chunk_and_drops_are_counted(make_engine):
     assert snap["sessions"][sid]["dropped_chunks"] >= delivered[-1].drops
 
 
+def test_sessions_whose_client_is_behind_go_last(make_engine):
+    engine = make_engine()  # not started: the test plays the engine thread
+    outboxes = [Outbox() for _ in range(3)]
+    for sid, outbox in enumerate(outboxes, 1):
+        engine._sessions[sid] = _Live(sid, request(), SimpleNamespace(mode="t2v"), outbox)
+        engine._order.append(sid)
+    outboxes[0].put_chunk(fake_chunk(session=1))  # session 1's client has not taken its last chunk yet
+    assert [engine._pick().sid for _ in range(4)] == [2, 3, 2, 3]
+    for sid in (2, 3):
+        outboxes[sid - 1].put_chunk(fake_chunk(session=sid))
+    assert [engine._pick().sid for _ in range(4)] == [1, 2, 3, 1]  # all behind: plain round-robin again
+    engine._sessions.clear()
+    # A chunk finished after its session was closed is counted as dropped: delivered + dropped = generated.
+    outboxes[0].discard(fake_chunk(session=1, frames=12))
+    assert outboxes[0].drops(1) == (1, 12) and outboxes[0].unsent_chunks() == 1
+
+
 def test_paused_sessions_and_v2v_without_input_are_not_scheduled(make_engine):
     engine = make_engine()
     c = Collector(engine, 3)
@@ -229,7 +248,7 @@ def test_admission_by_session_count_and_memory_budget(make_engine, pipe):
         (dict(height=30), "height must be a positive multiple of 16"),
         (dict(height=64, width=64), "height \\* width must be <= 1024"),
         (dict(mode="i2v"), "mode must be one of"),
-        (dict(seed=-1), "seed must be an integer >= 0"),
+        (dict(seed=-1), "seed must be an integer in 0.."),
         (dict(strength=1.5), "strength must be in"),
     ],
 )

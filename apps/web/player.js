@@ -474,14 +474,24 @@
       const path = (el && el.dataset.wsPath) || "/ws";
       const url = new URL(path, window.location.href);
       url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+      // A server with a token wants it in the websocket URL (browsers cannot add headers there).
+      if (el && el.dataset.token) url.searchParams.set("token", el.dataset.token);
       return url.toString();
+    }
+
+    _withToken(path) {
+      const el = byId("sr-player");
+      if (!el || !el.dataset.token) return path;
+      const url = new URL(path, window.location.href);
+      url.searchParams.set("token", el.dataset.token);
+      return url.pathname + url.search;
     }
 
     _setDownload(url, frames) {
       const link = byId("sr-download");
       if (!link) return;
       if (url) {
-        link.href = url;
+        link.href = this._withToken(url); // the page's cookie carries it too, unless the browser blocks cookies
         link.textContent = `Download MP4 (${frames} frames)`;
         link.hidden = false;
       } else {

@@ -7,7 +7,10 @@
 - :mod:`.metrics`: TTFF, FPS, jitter, latency percentiles, drops; Prometheus text.
 - :mod:`.protocol`: the wire format (JSON control messages, 28-byte binary frame header).
 - :mod:`.server`: ``build_app`` (FastAPI: ``/ws``, ``/metrics``, ``/health``) and ``serve``.
+- :mod:`.auth`: the token a server beyond loopback requires (``TokenAuth`` middleware).
+- :mod:`.limits`: ``ClientLimits`` (message sizes, frame dimensions, message rate) and the ``TokenBucket``.
 - :mod:`.client`: ``python -m stream_runtime.serving.client --url ws://127.0.0.1:7860/ws --prompt ... --out x.mp4``.
+- :mod:`.load`: a load generator (concurrent clients, some slow readers), for bench/bench_serving_load.py.
 
 The server needs fastapi and uvicorn, the client websockets; they are imported only when used.
 """
@@ -20,12 +23,14 @@ from stream_runtime.serving.engine import (
     SessionRequest,
     SessionUpdate,
 )
+from stream_runtime.serving.limits import ClientLimits
 from stream_runtime.serving.outbox import ChunkOutput, Event, Outbox
 from stream_runtime.serving.protocol import PROTOCOL
 
 __all__ = [
     "PROTOCOL",
     "ChunkOutput",
+    "ClientLimits",
     "Engine",
     "EngineBusy",
     "EngineConfig",

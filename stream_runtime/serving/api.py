@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MODES = ("t2v", "v2v")
+MAX_SEED = 2**63 - 1
+"""Largest seed (a signed 64-bit integer, what every torch generator accepts)."""
 
 
 @dataclass(frozen=True)

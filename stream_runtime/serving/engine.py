@@ -10,9 +10,10 @@
                                                  next_chunk() -> outbox.put_chunk()  ──> consumer
 
 Scheduling is round-robin at chunk granularity: every runnable session gets one chunk per round. A session is
-runnable when it is not paused and, for video-to-video, when enough input frames are buffered. A failure inside
-one session (bad parameters, a model exception, ``torch.OutOfMemoryError``) ends that session with an ``error``
-event; the engine and the other sessions go on.
+runnable when it is not paused and, for video-to-video, when enough input frames are buffered. A session whose last
+chunk still waits in its outbox (its client is slow) goes after all the others: it gets only the time they leave.
+A failure inside one session (bad parameters, a model exception, ``torch.OutOfMemoryError``) ends that session
+with an ``error`` event; the engine and the other sessions go on.
 
 Admission is decided synchronously in :meth:`Engine.open` (an :class:`EngineBusy` at once, never a queue): a
 maximum number of sessions and a memory budget against each session's KV-cache bytes (estimated from its config
@@ -36,6 +37,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ import torch
 from stream_runtime.cache import CacheLayout, RollingKVCache
 from stream_runtime.config import StreamConfig
 from stream_runtime.serving.api import (
+    MAX_SEED,
     MODES,
     EngineBusy,
     EngineConfig,
@@ -55,7 +58,7 @@ from stream_runtime.serving.api import (
     timesteps_for_steps,
 )
 from stream_runtime.serving.metrics import Metrics, prometheus_text
-from stream_runtime.serving.outbox import ChunkOutput, Event, Outbox
+from stream_runtime.serving.outbox import ChunkOutput, Event, Outbox, outbox_stats
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +129,7 @@ class Engine:
         self._lock = threading.Lock()  # guards _reserved and _aborts, the state shared with client threads
         self._reserved: dict[int, int] = {}  # admitted session (open or being opened) -> bytes reserved
         self._aborts: set[int] = set()
+        self._outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()  # for metrics; guarded by _lock
         self._ids = itertools.count(1)
         # Engine-thread state.
         self._sessions: dict[int, _Live] = {}
@@ -181,7 +185,10 @@ class Engine:
 
     def new_outbox(self, notify: Callable[[], None] | None = None) -> Outbox:
         """An outbox wired to this engine's metrics; one per client (it may hold several sessions in turn)."""
-        return Outbox(notify, self._metrics, self._clock)
+        outbox = Outbox(notify, self._metrics, self._clock)
+        with self._lock:
+            self._outboxes.add(outbox)
+        return outbox
 
     def resolve(self, request: SessionRequest) -> tuple[StreamConfig, int, int]:
         """(config, height, width) of a request with defaults filled in; a ValueError naming a bad field."""
@@ -189,8 +196,8 @@ class Engine:
             raise ValueError(f"prompt must be a non-empty string, got {request.prompt!r}")
         if request.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {request.mode!r}")
-        if not isinstance(request.seed, int) or request.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {request.seed!r}")
+        if not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in 0..{MAX_SEED}, got {request.seed!r}")
         dh, dw = self.pipe.default_resolution
         height = dh if request.height is None else request.height
         width = dw if request.width is None else request.width
@@ -326,13 +333,15 @@ class Engine:
         snap = self._metrics.snapshot()
         with self._lock:
             snap["memory"] = {"budget_bytes": self.memory_budget, "reserved_bytes": sum(self._reserved.values())}
+            outboxes = list(self._outboxes)
+        snap["outboxes"] = outbox_stats(outboxes)  # outside the engine lock: each outbox takes its own
         snap["engine_alive"] = self.alive
         return snap
 
     def prometheus(self) -> str:
         """The metrics in the Prometheus text format."""
         snap = self.metrics()
-        return prometheus_text(snap, snap["memory"])
+        return prometheus_text(snap, snap["memory"], snap["outboxes"])
 
     # -- the engine thread
 
@@ -497,13 +506,24 @@ class Engine:
         return live.session.mode == "t2v" or len(live.inputs) >= live.session.frames_needed()
 
     def _pick(self) -> _Live | None:
-        """The next runnable session in round-robin order; it moves to the back of the line."""
-        for _ in range(len(self._order)):
-            sid = self._order[0]
-            self._order.rotate(-1)
-            if self._runnable(self._sessions[sid]):
-                return self._sessions[sid]
-        return None
+        """The next runnable session in round-robin order, preferring sessions whose client has taken their last
+        chunk. A session whose chunk still waits in its outbox (a slow client) runs only when no other one can: its
+        next chunk would replace the unsent one, so it gets the time nobody else needs, and slow clients cost fast
+        ones almost nothing. The picked session and those before it move to the back of the line."""
+        backlogged = None
+        for i, sid in enumerate(self._order):
+            live = self._sessions[sid]
+            if not self._runnable(live):
+                continue
+            if live.outbox.unsent_chunks() == 0:
+                self._order.rotate(-(i + 1))
+                return live
+            if backlogged is None:
+                backlogged = i, live
+        if backlogged is None:
+            return None
+        self._order.rotate(-(backlogged[0] + 1))
+        return backlogged[1]
 
     def _step(self, live: _Live) -> None:
         session = live.session
@@ -524,9 +544,6 @@ class Engine:
             return
         finished = self._clock()
         step, self._steps = self._steps, self._steps + 1
-        with self._lock:
-            if live.sid in self._aborts:
-                return  # closed while generating: nobody wants this chunk
         info = session.last_chunk
         chunk = ChunkOutput(
             session=live.sid,
@@ -541,6 +558,11 @@ class Engine:
             input_latency_s=None if oldest_input is None else finished - oldest_input,
         )
         self._metrics.chunk_generated(live.sid, info.latency_s, info.num_frames)
+        with self._lock:
+            aborted = live.sid in self._aborts
+        if aborted:  # closed while generating: nobody wants it; counted as dropped, so chunks = delivered + dropped
+            live.outbox.discard(chunk)
+            return
         live.outbox.put_chunk(chunk)
 
     def _guarded(self, live: _Live, fn: Callable[[], None]) -> bool:

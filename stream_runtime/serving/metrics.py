@@ -194,7 +194,7 @@ _COUNTER_HELP = {
     "session_errors": "Sessions ended by an error (bad parameters, model exception, out of memory).",
     "chunks": "Chunks generated.",
     "frames": "Frames generated.",
-    "chunks_dropped": "Chunks replaced in a slow client's outbox before they were sent.",
+    "chunks_dropped": "Chunks never sent: replaced in a slow client's outbox, or finished after their session closed.",
     "frames_dropped": "Frames of dropped chunks.",
     "input_frames_dropped": "Video-to-video input frames discarded because the input buffer was full.",
 }
@@ -212,6 +212,14 @@ _SESSION_GAUGES = (
     ("frames_delivered", "session_frames_delivered", "Frames handed to this session's client."),
 )
 
+_OUTBOX_GAUGES = (
+    ("count", "outboxes", "Live client outboxes (one per connection)."),
+    ("unsent_chunks", "outbox_unsent_chunks", "Chunks waiting in all outboxes for their sender (<= 1 each)."),
+    ("max_unsent_chunks", "outbox_unsent_chunks_max", "Most chunks waiting in one outbox (the single slot: <= 1)."),
+    ("pending_events", "outbox_pending_events", "Events waiting in all outboxes for their sender."),
+    ("max_pending_events", "outbox_pending_events_max", "Most events waiting in one outbox."),
+)
+
 
 def _value(v: float | int | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -219,10 +227,12 @@ def _value(v: float | int | None) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 
-def prometheus_text(snapshot: dict, memory: dict | None = None) -> str:
+def prometheus_text(snapshot: dict, memory: dict | None = None, outboxes: dict | None = None) -> str:
     """The Prometheus text exposition format (version 0.0.4) of a :meth:`Metrics.snapshot`.
 
     ``memory``: optional ``{"budget_bytes": int | None, "reserved_bytes": int}`` from the engine's admission.
+    ``outboxes``: optional ``{"count", "unsent_chunks", "max_unsent_chunks", "pending_events", "max_pending_events"}``
+    from the engine's live outboxes.
     """
     lines: list[str] = []
 
@@ -247,6 +257,9 @@ def prometheus_text(snapshot: dict, memory: dict | None = None) -> str:
         metric(
             "memory_reserved_bytes", "gauge", "Memory reserved by admitted sessions.", [("", memory["reserved_bytes"])]
         )
+    if outboxes is not None:
+        for key, name, help_text in _OUTBOX_GAUGES:
+            metric(name, "gauge", help_text, [("", outboxes[key])])
     for key, name, help_text in _SESSION_GAUGES:
         samples = [
             (f'{{session="{sid}",mode="{s["mode"]}"}}', s[key]) for sid, s in sorted(snapshot["sessions"].items())

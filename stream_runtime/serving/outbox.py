@@ -125,6 +125,15 @@ class Outbox:
         self._wake()
         return replaced
 
+    def discard(self, chunk: ChunkOutput) -> None:
+        """Count ``chunk`` as dropped without handing it over (its session was closed while it was generated), so
+        that a session's chunks are always delivered + dropped."""
+        with self._cond:
+            chunks, frames = self._drops.get(chunk.session, (0, 0))
+            self._drops[chunk.session] = (chunks + 1, frames + len(chunk.frames))
+        if self._metrics is not None:
+            self._metrics.chunk_dropped(chunk.session, len(chunk.frames))
+
     def take(self) -> list[Event | ChunkOutput]:
         """Everything waiting, in order (at most one chunk); never blocks."""
         with self._cond:
@@ -140,6 +149,11 @@ class Outbox:
         """Chunks waiting (0 or 1: the single-slot invariant)."""
         with self._cond:
             return sum(isinstance(item, ChunkOutput) for item in self._items)
+
+    def pending_events(self) -> int:
+        """Events waiting (they are never dropped; a consumer that never takes them lets them pile up)."""
+        with self._cond:
+            return sum(isinstance(item, Event) for item in self._items)
 
     def drops(self, session: int) -> tuple[int, int]:
         """(chunks, frames) of ``session`` dropped in this outbox."""
@@ -167,3 +181,16 @@ class Outbox:
         except RuntimeError:
             # The consumer's event loop is closed (the client went away); nothing is listening any more.
             logger.debug("outbox consumer is gone", exc_info=True)
+
+
+def outbox_stats(outboxes: list[Outbox]) -> dict[str, int]:
+    """What waits in ``outboxes``: at most one chunk each (the single slot), and the unsent events."""
+    unsent = [outbox.unsent_chunks() for outbox in outboxes]
+    events = [outbox.pending_events() for outbox in outboxes]
+    return {
+        "count": len(outboxes),
+        "unsent_chunks": sum(unsent),
+        "max_unsent_chunks": max(unsent, default=0),
+        "pending_events": sum(events),
+        "max_pending_events": max(events, default=0),
+    }

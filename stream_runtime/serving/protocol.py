@@ -41,6 +41,18 @@ DEFAULT_QUALITY = 80
 MAX_PROMPT_CHARS = 2000
 
 CLIENT_TYPES = ("open", "update", "pause", "resume", "close")
+_UPDATE_FIELDS = ("prompt", "blend_chunks", "steps", "timesteps", "strength")
+FIELDS = {
+    "open": frozenset(
+        ("type", "protocol", "seed", "mode", "height", "width", "motion_aware", "format", "quality", "record")
+        + _UPDATE_FIELDS
+    ),
+    "update": frozenset(("type",) + _UPDATE_FIELDS),
+    "pause": frozenset(("type",)),
+    "resume": frozenset(("type",)),
+    "close": frozenset(("type",)),
+}
+"""The fields each client message may have; any other is a ``bad_params`` error (it is most likely a typo)."""
 
 
 class ProtocolError(ValueError):
@@ -172,13 +184,19 @@ def decode_frame(header: FrameHeader, payload: bytes) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(payload)) as image:
-            arr = np.asarray(image.convert("RGB"))
+        # JPEG only: Image.open would otherwise try every format Pillow knows (EPS runs Ghostscript).
+        with Image.open(io.BytesIO(payload), formats=["JPEG"]) as image:
+            # The size comes from the JPEG header; check it before decoding, so a small file cannot make the server
+            # decode a huge image.
+            if image.size != (w, h):
+                raise ProtocolError(
+                    "bad_frame", f"the header says {w}x{h} but the JPEG is {image.size[0]}x{image.size[1]}"
+                )
+            return np.asarray(image.convert("RGB"))
+    except ProtocolError:
+        raise
     except Exception as exc:  # Pillow raises several types for corrupt data
         raise ProtocolError("bad_frame", f"the JPEG payload does not decode: {exc}") from exc
-    if arr.shape[:2] != (h, w):
-        raise ProtocolError("bad_frame", f"the header says {w}x{h} but the JPEG is {arr.shape[1]}x{arr.shape[0]}")
-    return arr
 
 
 # -- JSON control messages
@@ -193,8 +211,13 @@ def parse_message(text: str) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise ProtocolError("bad_json", f"text messages must be JSON objects, got {type(msg).__name__}")
     kind = msg.get("type")
-    if kind not in CLIENT_TYPES:
+    if not isinstance(kind, str) or kind not in CLIENT_TYPES:
         raise ProtocolError("bad_message", f"type must be one of {list(CLIENT_TYPES)}, got {kind!r}")
+    unknown = sorted(set(msg) - FIELDS[kind])
+    if unknown:
+        raise ProtocolError(
+            "bad_params", f"unknown field(s) {unknown} in {kind!r}; it takes {sorted(FIELDS[kind] - {'type'})}"
+        )
     return msg
 
 

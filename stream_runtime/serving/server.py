@@ -1,6 +1,7 @@
 """The thin asyncio front end over an :class:`~stream_runtime.serving.engine.Engine`: a FastAPI app with the
 websocket protocol (``/ws``, see docs/protocol.md), ``GET /metrics`` (Prometheus text), ``GET /health`` and
-``GET /recordings/{name}`` (the MP4 of a session opened with ``record: true``).
+``GET /recordings/{name}`` (the MP4 of a session opened with ``record: true``). With a token, every route but
+``/health`` needs it (:mod:`.auth`); every connection is held to :class:`~.limits.ClientLimits`.
 
 The event loop never waits on the engine. Per connection there are two tasks: the receive loop turns client
 messages into engine calls (which only enqueue), and one sender task owns every write to the socket, woken by the
@@ -35,7 +36,9 @@ from typing import Any
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
+from stream_runtime.serving.auth import TOKEN_QUERY, TokenAuth, check_token, resolve_token
 from stream_runtime.serving.engine import Engine, EngineBusy, EngineConfig, EngineStopped
+from stream_runtime.serving.limits import ClientLimits, TokenBucket
 from stream_runtime.serving.outbox import ChunkOutput, Event
 from stream_runtime.serving.protocol import (
     FORMATS,
@@ -58,18 +61,33 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 RECORDINGS_KEPT = 16
 """Finished recordings a server keeps for download; when one more finishes, the oldest is deleted."""
+DEFAULT_TRANSPORT_BYTES = 64 * 2**20
+"""Websocket message size limit of an app that :func:`build_app` did not make (its limits are unknown)."""
+CLOSE_TIMEOUT_S = 5.0
+"""How long closing a connection that broke a limit may wait for the client (one that does not read never acks)."""
 
 
-def build_app(engine: Engine, extra_mount: Callable[[FastAPI], Any] | None = None) -> FastAPI:
+def build_app(
+    engine: Engine,
+    extra_mount: Callable[[FastAPI], Any] | None = None,
+    *,
+    token: str | None = None,
+    limits: ClientLimits | None = None,
+) -> FastAPI:
     """The FastAPI app serving ``engine``. Its lifespan starts the engine and, at shutdown, stops it (sessions
     closed, thread joined, CUDA cache emptied).
 
     ``extra_mount(app)`` is called last, so a UI can be mounted on the same app and port, e.g. Gradio:
     ``lambda app: gradio.mount_gradio_app(app, blocks, path="/")``. Its return value, if not None, replaces the
     app. The routes ``/ws``, ``/metrics``, ``/health`` and ``/recordings/`` are registered first, so they win over a
-    mount at ``/``.
-    """
+    mount at ``/``. ``app.state.token`` tells a mounted UI the token its page must send.
 
+    ``token``: every route but ``/health`` (the mounted UI included) needs it (see :mod:`.auth`); None: none does.
+    ``limits``: what each websocket client may send (default :class:`ClientLimits`).
+    """
+    if token is not None:
+        check_token(token)
+    limits = limits or ClientLimits()
     recordings = Recordings()
 
     @contextlib.asynccontextmanager
@@ -84,6 +102,8 @@ def build_app(engine: Engine, extra_mount: Callable[[FastAPI], Any] | None = Non
     app = FastAPI(title="stream-runtime", lifespan=lifespan)
     app.state.engine = engine
     app.state.recordings = recordings
+    app.state.token = token
+    app.state.limits = limits
 
     @app.get("/health")
     async def health():
@@ -106,11 +126,13 @@ def build_app(engine: Engine, extra_mount: Callable[[FastAPI], Any] | None = Non
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
-        await Connection(websocket, engine, recordings).run()
+        await Connection(websocket, engine, recordings, limits).run()
 
     if extra_mount is not None:
         mounted = extra_mount(app)
         app = app if mounted is None else mounted
+    if token is not None:
+        app.add_middleware(TokenAuth, token=token)  # outermost: wraps the mounted UI too
     return app
 
 
@@ -181,32 +203,45 @@ class SessionRecorder:
 class Connection:
     """One websocket: at most one session at a time (open, ..., closed, then open again if wanted)."""
 
-    def __init__(self, websocket, engine: Engine, recordings: Recordings | None = None) -> None:
+    def __init__(
+        self, websocket, engine: Engine, recordings: Recordings | None = None, limits: ClientLimits | None = None
+    ) -> None:
         self.ws = websocket
         self.engine = engine
         self.recordings = recordings
+        self.limits = limits or ClientLimits()
+        self.server_limits = engine.limits()
+        self.max_pixels = self.limits.frame_pixels(engine.max_pixels)
+        self.max_frame_bytes = self.limits.frame_bytes(engine.max_pixels)
+        self.bucket = TokenBucket(self.limits.messages_per_second, self.limits.message_burst)
+        self._rate_limited = False  # in a run of dropped messages (one error per run)
         self.recorder: SessionRecorder | None = None
         self.sid: int | None = None
         self.mode: str | None = None
+        self.size: tuple[int, int] | None = None
+        """(height, width) of the open session: input frames must have it."""
         self.output = OutputFormat()
-        self._wake = asyncio.Event()
+        wake = self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self.outbox = engine.new_outbox(lambda: loop.call_soon_threadsafe(self._wake.set))
+        # The callback holds the event, not self: the outbox (kept by the engine while a session is open) must not
+        # keep the connection alive.
+        self.outbox = engine.new_outbox(lambda: loop.call_soon_threadsafe(wake.set))
 
     async def run(self) -> None:
         await self.ws.accept()
-        hello = {"protocol": PROTOCOL, "formats": list(FORMATS), **self.engine.limits()}
+        hello = {"protocol": PROTOCOL, "formats": list(FORMATS), **self.server_limits}
         self.outbox.put_event(Event("hello", None, hello))
         sender = asyncio.create_task(self._send_loop())
+        overflow = None
         try:
             while True:
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
-                if message.get("text") is not None:
-                    await self._on_text(message["text"])
-                elif message.get("bytes") is not None:
-                    await self._on_binary(message["bytes"])
+                await self._on_message(message)
+                if self.outbox.pending_events() > self.limits.max_unsent_events:
+                    overflow = f"more than {self.limits.max_unsent_events} events unread (max_unsent_events)"
+                    break
         finally:
             if self.sid is not None:
                 self.engine.close(self.sid)
@@ -216,6 +251,10 @@ class Connection:
             if self.recorder is not None:  # nobody is left to download it
                 await self.recorder.finish()
                 self.recorder.path.unlink(missing_ok=True)
+        if overflow is not None:
+            logger.info("closing a websocket that reads nothing: %s", overflow)
+            with contextlib.suppress(Exception):  # it may never ack the close; uvicorn drops the transport after us
+                await asyncio.wait_for(self.ws.close(code=1008, reason=overflow), CLOSE_TIMEOUT_S)
 
     # -- client -> server
 
@@ -230,9 +269,39 @@ class Connection:
             raise ProtocolError("not_open", "no session is open on this connection; send 'open' first")
         return self.sid
 
+    async def _on_message(self, message: dict) -> None:
+        """One client message, through the rate limit; nothing a client sends may end the connection."""
+        text, data = message.get("text"), message.get("bytes")
+        request = "frame" if text is None and data is not None else None
+        if not self.bucket.take():
+            if not self._rate_limited:  # one error per run of dropped messages: an error per message is a flood too
+                self._rate_limited = True
+                rate, burst = self.limits.messages_per_second, self.limits.message_burst
+                self._error(
+                    "rate_limited",
+                    f"more than {rate:g} messages a second (bursts of {burst}): this message and the next ones are "
+                    f"dropped unread until the rate allows again, in {self.bucket.wait_s():.3f} s",
+                    request,
+                )
+            return
+        self._rate_limited = False
+        try:
+            if text is not None:
+                await self._on_text(text)
+            elif data is not None:
+                await self._on_binary(data)
+        except Exception:  # a bug; the client gets an answer and the connection goes on
+            logger.exception("handling a client message failed")
+            self._error("internal_error", "the server failed on this message (logged there); nothing changed", request)
+
     async def _on_text(self, text: str) -> None:
         kind = None
         try:
+            limit = self.limits.max_text_bytes
+            # len() counts characters, each at least one byte: encode only when it could be under the limit.
+            size = len(text) if len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise ProtocolError("too_large", f"text messages must be <= {limit} bytes (UTF-8), got {size}")
             msg = parse_message(text)
             kind = msg["type"]
             if kind == "open":
@@ -249,6 +318,8 @@ class Connection:
                     raise ProtocolError("bad_params", "this server does not record sessions; open without record")
                 self.sid = self.engine.open(request, self.outbox)
                 self.mode, self.output = request.mode, output
+                limits = self.server_limits
+                self.size = (request.height or limits["default_height"], request.width or limits["default_width"])
                 if record:
                     self.recorder = SessionRecorder(*self.recordings.new_file(), fps=self.engine.config.fps)
             elif kind == "update":
@@ -268,6 +339,10 @@ class Connection:
 
     async def _on_binary(self, data: bytes) -> None:
         try:
+            if len(data) > self.max_frame_bytes:
+                raise ProtocolError(
+                    "too_large", f"binary messages must be <= {self.max_frame_bytes} bytes, got {len(data)}"
+                )
             sid = self._need_session()
             header, payload = unpack_frame(data)
             if header.kind != KIND_INPUT:
@@ -276,12 +351,25 @@ class Connection:
                 )
             if self.mode != "v2v":
                 raise ProtocolError("bad_frame", "input frames are for video-to-video sessions (open with mode 'v2v')")
+            self._check_frame_size(header.width, header.height)
             frame = await asyncio.to_thread(decode_frame, header, payload)
             self.engine.push_frames(sid, frame)
         except ProtocolError as exc:
             self._error(exc.code, str(exc), "frame")
         except ValueError as exc:
             self._error("bad_frame", str(exc), "frame")
+
+    def _check_frame_size(self, width: int, height: int) -> None:
+        """Before any decoding: the declared size must be within the pixel limit and the session's own."""
+        if not 0 < width * height <= self.max_pixels:
+            raise ProtocolError(
+                "bad_frame", f"frames must have 1..{self.max_pixels} pixels (max_pixels), got {width}x{height}"
+            )
+        if self.size is not None and (height, width) != self.size:
+            expected, got = f"{self.size[1]}x{self.size[0]}", f"{width}x{height}"
+            raise ProtocolError(
+                "bad_frame", f"input frames must be {expected} (width x height, the session's size), got {got}"
+            )
 
     # -- server -> client (the only writer to the socket)
 
@@ -306,7 +394,7 @@ class Connection:
             data["format"], data["quality"] = self.output.format, self.output.quality
             data["record"] = self.recorder is not None
         if event.type == "closed" and event.session == self.sid:
-            self.sid = self.mode = None
+            self.sid = self.mode = self.size = None
             if self.recorder is not None:
                 data.update(await self._finish_recording())
         await self.ws.send_text(json.dumps(data))
@@ -356,7 +444,8 @@ def create_server(app, host: str = "127.0.0.1", port: int = 7860, log_level: str
     """(uvicorn.Server, bound listening socket) for ``app``; run with ``server.run(sockets=[sock])``.
 
     Binding here (not in uvicorn) makes a taken port a clear ValueError and lets ``port=0`` pick a free one
-    (``sock.getsockname()[1]``); connections made before the server runs wait in the listen backlog.
+    (``sock.getsockname()[1]``); connections made before the server runs wait in the listen backlog. The websocket
+    message size limit and the sockets' send buffer come from the :class:`ClientLimits` of a :func:`build_app` app.
     """
     import uvicorn
 
@@ -365,18 +454,30 @@ def create_server(app, host: str = "127.0.0.1", port: int = 7860, log_level: str
         sock = socket.create_server((host, port), family=family, backlog=128)
     except OSError as exc:
         raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host") from exc
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, ws_max_size=64 * 2**20)
+    state = getattr(app, "state", None)
+    limits = getattr(state, "limits", None) or ClientLimits()
+    engine = getattr(state, "engine", None)
+    max_size = limits.transport_bytes(engine.max_pixels) if engine is not None else DEFAULT_TRANSPORT_BYTES
+    # Accepted sockets inherit these from the listening one. asyncio sets TCP_NODELAY only on sockets whose proto is
+    # IPPROTO_TCP, and socket.create_server's is 0: without it, Nagle's algorithm holds a small message (an event,
+    # a chunk's frames) until the previous one is acked, 40 ms with a delayed ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if limits.send_buffer_bytes is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limits.send_buffer_bytes)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, ws_max_size=max_size)
     return uvicorn.Server(config), sock
 
 
-def urls(host: str, port: int, app_path: str | None = None) -> dict[str, str]:
+def urls(host: str, port: int, app_path: str | None = None, token: str | None = None) -> dict[str, str]:
+    """The URLs to print; with ``token`` those that need it carry it as ``?token=``."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     shown = f"[{shown}]" if ":" in shown else shown
-    app = {} if app_path is None else {"app": f"http://{shown}:{port}{app_path}"}
+    query = "" if token is None else f"?{TOKEN_QUERY}={token}"
+    app = {} if app_path is None else {"app": f"http://{shown}:{port}{app_path}{query}"}
     return {
         **app,
-        "websocket": f"ws://{shown}:{port}/ws",
-        "metrics": f"http://{shown}:{port}/metrics",
+        "websocket": f"ws://{shown}:{port}/ws{query}",
+        "metrics": f"http://{shown}:{port}/metrics{query}",
         "health": f"http://{shown}:{port}/health",
     }
 
@@ -389,16 +490,25 @@ def serve(
     extra_mount: Callable[[FastAPI], Any] | None = None,
     log_level: str = "warning",
     app_path: str | None = None,
+    token: str | None = None,
+    limits: ClientLimits | None = None,
 ) -> None:
     """Serve ``pipe`` until Ctrl-C: prints the URLs (``app_path``: where ``extra_mount`` put a UI, e.g. "/"),
-    then on Ctrl-C closes the sessions, joins the engine thread and empties the CUDA cache."""
+    then on Ctrl-C closes the sessions, joins the engine thread and empties the CUDA cache.
+
+    ``token``: required from clients (see :mod:`.auth`); "auto" makes a random one and prints it in the URLs. A
+    ``host`` other than loopback needs one: without it this raises a ValueError before loading anything else.
+    """
+    token, generated = resolve_token(host, token)
     engine = Engine(pipe, config)
-    app = build_app(engine, extra_mount=extra_mount)
+    app = build_app(engine, extra_mount=extra_mount, token=token, limits=limits)
     server, sock = create_server(app, host, port, log_level)
     bound = sock.getsockname()[1]
     print(f"stream-runtime serving {PROTOCOL} (max {engine.config.max_sessions} sessions)")
-    for name, url in urls(host, bound, app_path).items():
+    for name, url in urls(host, bound, app_path, token if generated else None).items():
         print(f"  {name + ':':<10} {url}")
+    if token is not None and not generated:
+        print(f"  (every route but /health needs the token: add ?{TOKEN_QUERY}=YOUR_TOKEN, see docs/protocol.md)")
     if host in ("0.0.0.0", "::"):
         print("  (listening on all interfaces: use this machine's address from elsewhere)")
     print("Press Ctrl-C to stop.", flush=True)
