@@ -112,8 +112,9 @@ class RollingKVCache:
     def valid_tokens(self) -> int:
         return self.valid_frames * self.layout.frame_tokens
 
-    def _next_slots(self, count: int) -> list[int | None]:
-        """Slots the next ``count`` committed frames go to (None: not kept), without changing any state."""
+    def _next_slots(self, count: int) -> tuple[list[int | None], int, int]:
+        """Slots the next ``count`` committed frames go to (None: not kept), and the sink count and ring pointer
+        after them; changes no state."""
         sink, ring = self.layout.sink_frames, self.layout.ring_frames
         sinks_written, ring_next, slots = self._sinks_written, self._ring_next, []
         for _ in range(count):
@@ -125,7 +126,7 @@ class RollingKVCache:
             else:
                 slots.append(sink + ring_next)
                 ring_next = (ring_next + 1) % ring
-        return slots
+        return slots, sinks_written, ring_next
 
     def kept_frames(self) -> list[int]:
         """Frame numbers of the kept frames in time order."""
@@ -180,7 +181,8 @@ class RollingKVCache:
         scratch = self.valid_tokens
         # When two frames of the chunk map to one ring slot the later one wins.
         targets: dict[int, int] = {}
-        for i, slot in enumerate(self._next_slots(num_frames)):
+        slots, sinks_written, ring_next = self._next_slots(num_frames)
+        for i, slot in enumerate(slots):
             if slot is not None:
                 targets[slot] = i
         moves = sorted(targets.items())
@@ -197,18 +199,11 @@ class RollingKVCache:
         if self.latents is not None and latents is not None:
             for slot, i, n in _runs(moves):
                 self.latents[:, :, slot : slot + n] = latents[:, :, i : i + n]
-        self._next_slots_commit(num_frames)
+        self._sinks_written, self._ring_next = sinks_written, ring_next
         for slot, i in moves:
             self.slot_frames[slot] = first_frame + i
         self._last_frame = first_frame + num_frames - 1
         self._pending = 0
-
-    def _next_slots_commit(self, count: int) -> None:
-        sink, ring = self.layout.sink_frames, self.layout.ring_frames
-        to_sinks = min(count, sink - self._sinks_written)
-        self._sinks_written += to_sinks
-        if ring:
-            self._ring_next = (self._ring_next + count - to_sinks) % ring
 
     def kept_latents(self) -> tuple[list[int], torch.Tensor]:
         """Clean latents of the kept frames in time order: (frame numbers, ``[B, C, n, h, w]``)."""
