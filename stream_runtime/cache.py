@@ -154,16 +154,17 @@ class RollingKVCache:
     def store_current(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the current chunk's K/V ``[B, n, H, D]`` into the scratch region of ``layer``; return views
         ``[B, valid + n, H, D]`` over every kept frame followed by the chunk."""
-        start = self.valid_tokens
-        end = start + k.shape[1]
-        if end > self.layout.capacity_tokens:
+        ft, n = self.layout.frame_tokens, k.shape[1]
+        if n % ft or n > self.layout.chunk_frames * ft:
             raise ValueError(
-                f"chunk of {k.shape[1]} tokens does not fit the cache's scratch region "
-                f"({self.layout.chunk_frames} frames of {self.layout.frame_tokens} tokens)"
+                f"chunk K/V must cover whole frames, at most chunk_frames={self.layout.chunk_frames} frames of {ft} "
+                f"tokens; got {n} tokens (does not fit the scratch region)"
             )
+        start = self.valid_tokens
+        end = start + n
         self.k[layer][:, start:end] = k
         self.v[layer][:, start:end] = v
-        self._pending = k.shape[1] // self.layout.frame_tokens
+        self._pending = n // ft
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
     def commit(self, first_frame: int, num_frames: int, latents: torch.Tensor | None = None) -> None:
