@@ -4,6 +4,7 @@ stream-runtime generate --prompt "a fox running in snow" --seconds 10 --out clip
 stream-runtime generate --model Wan2.1-T2V-1.3B-Diffusers --checkpoint self_forcing_dmd.pt --device cuda ...
 stream-runtime serve --port 7860 --max-sessions 4      # the app at http://127.0.0.1:7860/ + websocket server
 stream-runtime serve --host 0.0.0.0 --token auto      # other machines too: every client needs the printed token
+stream-runtime understand match.mp4 --model Qwen2-VL-2B-Instruct --fps 1   # one line of description per step
 """
 
 from __future__ import annotations
@@ -153,6 +154,35 @@ def _mount_app(app):
     return mount(app, path="/")
 
 
+def cmd_understand(args: argparse.Namespace) -> int:
+    from stream_runtime.understanding import StreamingVLMConfig, load_vlm, understand
+    from stream_runtime.understanding.api import DEFAULT_PROMPT
+
+    if args.model is None:
+        raise ValueError(
+            "understand needs --model DIR: a local Qwen2-VL / Qwen2.5-VL folder (model and tokenizer saved with "
+            "save_pretrained, e.g. a snapshot of Qwen/Qwen2-VL-2B-Instruct); there is no built-in captioner yet"
+        )
+    model, tokenizer = load_vlm(args.model, device=args.device)
+    source = int(args.source) if args.source.isdigit() else args.source  # a bare number is a webcam index
+    config = (
+        StreamingVLMConfig() if args.max_new_tokens is None else StreamingVLMConfig(max_new_tokens=args.max_new_tokens)
+    )
+    events = understand(
+        source,
+        model,
+        codec=tokenizer,
+        fps=args.fps,
+        frames_per_step=args.frames_per_step,
+        prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt,
+        config=config,
+        workers=args.workers,
+    )
+    for event in events:  # printed as they come: on a mid-stream error, what was understood is already out
+        print(f"[{event.start_s:.2f}-{event.end_s:.2f}] {event.text}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from stream_runtime.serving.limits import ClientLimits  # light: no server dependencies
 
@@ -236,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    und = sub.add_parser("understand", help="describe a video file, URL or webcam as it plays, one line per step")
+    und.add_argument("source", help="video file, URL (rtsp/http/hls), or a webcam index such as 0")
+    und.add_argument("--model", help="local Qwen2-VL / Qwen2.5-VL folder (model + tokenizer, save_pretrained layout)")
+    und.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    und.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video")
+    und.add_argument("--frames-per-step", type=int, dest="frames_per_step", help="default: one temporal patch (2)")
+    und.add_argument("--prompt", help="instruction fed once, before the frames (default: describe the video)")
+    und.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help="text tokens per step at most (16)")
+    und.add_argument("--workers", type=int, default=1, help="decode threads for a local file")
+    und.set_defaults(func=cmd_understand)
     return parser
 
 

@@ -16,14 +16,13 @@ Pieces, by concept:
 * :mod:`.runner` -- :class:`StreamingVLMRunner`: ``step(frames, prompt) -> str`` reusing the cache.
 * :mod:`.tiny` -- tiny random configs for tests.
 
-How it plugs into ``understand(source)`` later (not built here): the ingest yields
-``(timestamp, uint8 [H, W, 3])`` frames (``stream_runtime.ingest.open_source`` with ``Sampling`` at the chosen
-fps and a ``Resize`` to multiples of ``patch_size * spatial_merge_size``); ``understand`` would load the model
-with ``Qwen2VLForConditionalGeneration.from_pretrained(local_path)`` and its tokenizer, build one
-:class:`StreamingVLMRunner`, feed the system prompt once (``runner.step(None, system_prompt)``), then group
-frames into chunks of ``temporal_patch_size`` frames and yield ``(timestamp, runner.step(chunk))`` per chunk.
+* :mod:`.api` -- ``understand(source, model)``: ingest (:mod:`stream_runtime.ingest`, sampled at ``fps`` and resized
+  to multiples of ``patch_size * spatial_merge_size``) decoding ahead through a bounded prefetch, frames grouped
+  into steps of ``temporal_patch_size``, one :class:`UnderstandEvent` per step from one
+  :class:`StreamingVLMRunner`; ``load_vlm(path)`` loads a local Qwen2-VL folder. CLI: ``stream-runtime understand``.
 """
 
+from .api import UnderstandEvent, load_vlm, understand
 from .cache import StreamingVLMCache
 from .config import StreamingVLMConfig
 from .family import VLMSpec
@@ -41,10 +40,13 @@ __all__ = [
     "TokenCodec",
     "TokenKind",
     "TokenLedger",
+    "UnderstandEvent",
     "VLMSpec",
     "frames_to_patches",
+    "load_vlm",
     "rotate_keys",
     "text_positions",
+    "understand",
     "vision_unit_extent",
     "vision_unit_positions",
 ]
