@@ -90,9 +90,8 @@ def naive_attention(q, k, v, mask=None, scale=None, **_):
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Lq, H, D], lse [B, H, Lq] fp32)``: the Triton kernel on CUDA, the fp32 reference elsewhere."""
     if q.is_cuda:
-        from stream_runtime.kernels.block_sparse_attn import block_sparse_attention, dense_block_table
-
-        return block_sparse_attention(q, k, v, dense_block_table(q.shape[1], k.shape[1], device=q.device))
+        bsa = _kernels()
+        return bsa.block_sparse_attention(q, k, v, bsa.dense_block_table(q.shape[1], k.shape[1], device=q.device))
     scale = q.shape[-1] ** -0.5
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
     lse = scores.logsumexp(dim=-1)
@@ -104,11 +103,10 @@ def blocksparse_dense_attention(q, k, v, mask=None, **_):
     """The Triton block-sparse kernel with every block listed (dense); full-sequence passes use SDPA."""
     if mask is not None:
         return sdpa_attention(q, k, v, mask=mask)
-    from stream_runtime.kernels.block_sparse_attn import block_sparse_attention, dense_block_table
-
+    bsa = _kernels()
     key = ("dense", q.shape[1], k.shape[1], q.device)
-    table = _memo(key, lambda: dense_block_table(q.shape[1], k.shape[1], device=q.device))
-    return block_sparse_attention(q, k, v, table)[0]
+    table = _memo(key, lambda: bsa.dense_block_table(q.shape[1], k.shape[1], device=q.device))
+    return bsa.block_sparse_attention(q, k, v, table)[0]
 
 
 def radial_attention(q, k, v, mask=None, cache=None, frame_grid=None, **_):
@@ -120,6 +118,7 @@ def radial_attention(q, k, v, mask=None, cache=None, frame_grid=None, **_):
     """
     if mask is not None or cache is None:
         return sdpa_attention(q, k, v, mask=mask)
+    bsa = _kernels()
     from stream_runtime.kernels.radial import StreamFrameLayout, radial_block_table
 
     frame_tokens = frame_grid[0] * frame_grid[1]
@@ -139,12 +138,23 @@ def radial_attention(q, k, v, mask=None, cache=None, frame_grid=None, **_):
         layout = StreamFrameLayout(key_times=key_times, key_is_sink=key_is_sink, query_times=chunk_times)
         return radial_block_table(frame_grid, layout, device=q.device)
 
-    from stream_runtime.kernels.block_sparse_attn import block_sparse_attention
-
-    return block_sparse_attention(q, k, v, _memo(key, build))[0]
+    return bsa.block_sparse_attention(q, k, v, _memo(key, build))[0]
 
 
 _TABLES: dict = {}
+
+
+def _kernels():
+    """The Triton kernel package, or a ValueError that says how to get it (triton ships with CUDA builds of torch;
+    on a CPU-only install it is in the ``test`` extra and runs in Triton's slow interpreter)."""
+    try:
+        from stream_runtime.kernels import block_sparse_attn
+    except ImportError as exc:
+        raise ValueError(
+            f"the blocksparse and radial attention backends need triton ({exc}); install a CUDA build of torch, "
+            "or `pip install triton` to run them (slowly) in Triton's interpreter, or use attention 'sdpa'"
+        ) from exc
+    return block_sparse_attn
 
 
 def _memo(key, build):

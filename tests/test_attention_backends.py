@@ -88,3 +88,12 @@ def test_reuse_skips_the_cached_part_between_refreshes():
 def test_reuse_argument_checked():
     with pytest.raises(ValueError, match="refresh_every must be an integer >= 1"):
         CrossStepReuse(0)
+
+
+def test_missing_triton_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "stream_runtime.kernels.block_sparse_attn", None)  # import now fails
+    q = torch.zeros(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="need triton"):
+        attention(q, q, q, backend="blocksparse")
