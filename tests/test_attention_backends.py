@@ -93,7 +93,11 @@ def test_reuse_argument_checked():
 def test_missing_triton_is_a_clear_error(monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "stream_runtime.kernels.block_sparse_attn", None)  # import now fails
+    import stream_runtime.kernels
+
+    # Make the import fail whether or not an earlier test imported the kernels already.
+    monkeypatch.setitem(sys.modules, "stream_runtime.kernels.block_sparse_attn", None)
+    monkeypatch.delattr(stream_runtime.kernels, "block_sparse_attn", raising=False)
     q = torch.zeros(1, 4, 1, 16)
     with pytest.raises(ValueError, match="need triton"):
         attention(q, q, q, backend="blocksparse")
