@@ -5,6 +5,7 @@ import torch
 from conftest import assert_close
 from transformers import Qwen2_5_VLModel, Qwen2VLModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
+from vlm_reference import kept_units as reference_kept_units
 
 from stream_runtime.understanding import (
     StreamingVLMCache,
@@ -89,23 +90,7 @@ def rope_index(model, units, **kwargs):
 
 
 def kept_units(history, config):
-    """Reference policy, written apart from the ledger: sinks by stream index, newest frames and text tokens."""
-    keep, index = [False] * len(history), 0
-    for i, u in enumerate(history):
-        keep[i] = index < config.sink_tokens
-        index += len(u[0])
-    frames, text = config.vision_window_frames, config.text_window_tokens
-    vision_open = True
-    for i in reversed(range(len(history))):
-        if keep[i]:
-            continue
-        if history[i][2] is not None:
-            vision_open = vision_open and history[i][3] <= frames
-            keep[i] = vision_open
-            frames -= history[i][3] if vision_open else 0
-        elif text > 0:
-            keep[i], text = True, text - 1
-    return [u for u, k in zip(history, keep, strict=True) if k]
+    return reference_kept_units(history, config, grid_index=2)
 
 
 def append(ledger, item):

@@ -7,6 +7,7 @@ from conftest import assert_close
 from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+from vlm_reference import kept_units as reference_kept_units
 
 from stream_runtime.understanding import StreamingVLMConfig, StreamingVLMRunner, frames_to_patches
 from stream_runtime.understanding.tiny import (
@@ -77,22 +78,7 @@ def run_stream(runner, schedule, gen):
 
 
 def kept_units(history, config):
-    """The policy, restated: sinks by stream index, the newest frames and text tokens within their windows."""
-    index, flags = 0, []
-    for u in history:
-        flags.append(index < config.sink_tokens)
-        index += len(u[0])
-    frames, text, vision_open = config.vision_window_frames, config.text_window_tokens, True
-    for i in reversed(range(len(history))):
-        if flags[i]:
-            continue
-        if history[i][3] is not None:
-            vision_open = vision_open and history[i][4] <= frames
-            flags[i] = vision_open
-            frames -= history[i][4] if vision_open else 0
-        elif text > 0:
-            flags[i], text = True, text - 1
-    return [u for u, keep in zip(history, flags, strict=True) if keep]
+    return reference_kept_units(history, config, grid_index=3)
 
 
 def model_inputs(units):
