@@ -48,9 +48,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the tiny models train in fp32 master weights), nothing on CPU."""
-    if device.type == "cuda":
+def autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CUDA (the tiny models train in fp32 master weights), nothing on CPU or for ``fp32``."""
+    if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
@@ -136,6 +136,11 @@ def write_json(path: str | pathlib.Path, data: dict[str, Any]) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+
+
+def since(start: float) -> str:
+    """Seconds since ``start`` (a ``time.perf_counter()`` value), formatted for a log line."""
+    return f"{time.perf_counter() - start:.0f} s"
 
 
 def log(message: str) -> None:

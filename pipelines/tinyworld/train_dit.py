@@ -123,6 +123,9 @@ class DiTTrainConfig:
     """Processes rendering the training streams."""
     encode_batch: int = 256
     log_every: int = 50
+    init: str | None = None
+    """Continue from an earlier run's folder (its ``transformer/`` and ``text_encoder/``; their shapes win over
+    ``layers``/``heads``/... and the stream must match): chains 10-minute runs into a longer training."""
 
     def stream(self) -> StreamConfig:
         """The stream this run trains for (saved with the weights; ``export`` writes it as the default)."""
@@ -257,6 +260,19 @@ def loss_per_level(
 
 
 def build_models(cfg: DiTTrainConfig, vae: AutoencoderKLWan, vocab_size: int):
+    if cfg.init is not None:
+        trained, _ = load_trained_for(cfg.init)
+        if stream_fields(trained) != stream_fields(cfg.stream()):
+            raise ValueError(
+                f"init: {cfg.init!r} was trained for the stream {stream_fields(trained)}, this run asks for "
+                f"{stream_fields(cfg.stream())}"
+            )
+        folder = pathlib.Path(cfg.init)
+        wan = WanTransformer3DModel.from_pretrained(folder / "transformer")
+        text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder")
+        if wan.config.in_channels != vae.config.z_dim or text_encoder.config.vocab_size != vocab_size:
+            raise ValueError(f"init: {cfg.init!r} does not fit this VAE's latents or this tokenizer")
+        return wan.float(), text_encoder.float()
     text_encoder = UMT5EncoderModel(
         UMT5Config(**text_encoder_config(vocab_size, d_model=cfg.text_dim, layers=cfg.text_layers))
     )
@@ -414,6 +430,8 @@ def parse_args(argv: list[str] | None = None) -> DiTTrainConfig:
         value = getattr(defaults, field.name)
         if field.name == "steps":
             parser.add_argument(flag, type=int, default=None)
+        elif field.name == "init":
+            parser.add_argument(flag, default=None, help="folder of an earlier run to continue from")
         elif field.name == "timesteps":
             parser.add_argument(flag, type=float, nargs="+", default=list(value))
         else:

@@ -34,7 +34,7 @@ from stream_runtime.pipelines.wan.vae_stream import CausalConvCache
 from . import train_common as common
 from .evaluate import evaluate
 from .model import NATIVE_SIZE, frames_to_pixels, vae_config
-from .train_data import ClipDataset, check_clip_frames, clip_loader
+from .train_data import ClipDataset, check_clip_frames, clip_loader, pool_batch, render_pool
 from .world import MIN_FRAMES_TO_JUDGE_BOUNCE, caption, held_out_seeds, render, sample_spec
 
 LOG_FILE = "train_log.json"
@@ -67,7 +67,12 @@ class VAETrainConfig:
     base_dim: int = 12
     z_dim: int = 16
     workers: int = 0
-    """DataLoader rendering processes."""
+    """Rendering processes (DataLoader workers, or the pool's renderers)."""
+    pool: int = 0
+    """Render this many clips once, keep them on the device and draw batches from them (0: render every batch
+    afresh through a DataLoader). On a GPU the pool takes rendering off the step's critical path."""
+    precision: str = "bf16"
+    """``bf16`` (autocast on CUDA) or ``fp32`` (TF32 matmuls/convs on CUDA); CPU always runs fp32."""
     stats_clips: int = 64
     """Fresh training clips whose posterior means set latents_mean / latents_std."""
     eval_clips: int = 16
@@ -167,8 +172,16 @@ def train(cfg: VAETrainConfig) -> dict:
         vae = AutoencoderKLWan(**vae_config(base_dim=cfg.base_dim, z_dim=cfg.z_dim)).to(device).train()
     params = sum(p.numel() for p in vae.parameters())
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    batches = clip_loader(ClipDataset(cfg.frames, cfg.size, cfg.crop, cfg.seed), cfg.batch, cfg.workers)
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision: expected 'bf16' or 'fp32', got {cfg.precision!r}")
+    dataset = ClipDataset(cfg.frames, cfg.size, cfg.crop, cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if cfg.pool > 0:
+        pool = render_pool(dataset, cfg.pool, cfg.workers).to(device)
+        common.log(f"rendered a pool of {cfg.pool} clips ({pool.numel() / 2**30:.2f} GiB) in {common.since(stage_start)}")
+        batches = iter(lambda: pool_batch(pool, cfg.batch, generator), None)
+    else:
+        batches = clip_loader(dataset, cfg.batch, cfg.workers)
     common.log(f"VAE: {params / 1e6:.2f}M parameters, batch {cfg.batch} x {cfg.frames} frames on {device}")
 
     budget = cfg.minutes * 60 * (1 - common.SAVE_RESERVE) - (time.perf_counter() - stage_start)
@@ -180,7 +193,7 @@ def train(cfg: VAETrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         pixels = next(batches).to(device, non_blocking=True)
-        with common.autocast(device):
+        with common.autocast(device, cfg.precision):
             loss, parts = vae_loss(vae, pixels, cfg.kl_weight, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -245,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     parser.add_argument("--base-dim", type=int, default=defaults.base_dim)
     parser.add_argument("--z-dim", type=int, default=defaults.z_dim)
     parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--pool", type=int, default=defaults.pool)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=defaults.precision)
     parser.add_argument("--stats-clips", type=int, default=defaults.stats_clips)
     parser.add_argument("--eval-clips", type=int, default=defaults.eval_clips)
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
