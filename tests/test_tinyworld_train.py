@@ -9,7 +9,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from stream_runtime import StreamConfig, StreamPipeline
 from stream_runtime.cache import CacheLayout, RollingKVCache
 from stream_runtime.pipelines.tinyworld import export, model, train_dit, train_vae
-from stream_runtime.pipelines.tinyworld.train_data import ClipDataset
+from stream_runtime.pipelines.tinyworld.train_data import ClipDataset, pool_batch, render_pool
 from stream_runtime.pipelines.tinyworld.world import caption, sample_spec
 from stream_runtime.pipelines.wan.transformer import StreamingWanTransformer
 
@@ -44,6 +44,15 @@ def test_vae_loss_decreases_on_a_fixed_batch():
     losses = overfit(loss_fn, vae.parameters(), lr=3e-3)
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_pool_batches_are_the_datasets_clips():
+    data = ClipDataset(frames=5, size=16, seed=3)
+    pool = render_pool(data, 10, workers=0, group=4)  # groups of 4: the last one is short
+    assert pool.dtype == torch.uint8 and pool.shape == (10, 5, 16, 16, 3)
+    batch = pool_batch(pool, 6, torch.Generator().manual_seed(0))
+    rows = torch.randint(10, (6,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batch, torch.stack([data.clip(int(r)) for r in rows]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("objective", train_dit.OBJECTIVES)

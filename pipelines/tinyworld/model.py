@@ -202,9 +202,12 @@ def stream_from_fields(fields: dict[str, Any]) -> StreamConfig:
     return StreamConfig(**known)
 
 
-def frames_to_pixels(frames: np.ndarray) -> torch.Tensor:
-    """uint8 ``[..., T, H, W, 3]`` (RGB) -> float ``[..., 3, T, H, W]`` in [-1, 1] (the VAE's input)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0
+def frames_to_pixels(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., T, H, W, 3]`` (RGB, numpy or a tensor on any device) -> float ``[..., 3, T, H, W]`` in
+    [-1, 1] (the VAE's input)."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(np.ascontiguousarray(frames))
+    x = frames.float() / 127.5 - 1.0
     return x.movedim(-1, -4)
 
 

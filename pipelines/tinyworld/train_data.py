@@ -62,8 +62,8 @@ class ClipDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"crop: expected None or 8 <= crop <= size ({size}), got {crop}")
         self.frames, self.size, self.crop, self.seed = frames, size, crop, seed
 
-    def clip(self, index: int) -> torch.Tensor:
-        """The ``index``-th clip of the stream (what iteration yields at that position)."""
+    def clip_frames(self, index: int) -> np.ndarray:
+        """The ``index``-th clip as rendered: uint8 ``[frames, crop, crop, 3]`` (RGB), numpy only."""
         rng = np.random.default_rng([self.seed, index])
         scene = sample_spec(random_train_seed(rng))
         start = int(rng.integers(START_FRAME_RANGE))
@@ -71,7 +71,11 @@ class ClipDataset(torch.utils.data.IterableDataset):
         if self.crop is not None and self.crop < self.size:
             top, left = (int(v) for v in rng.integers(0, self.size - self.crop + 1, size=2))
             frames = frames[:, top : top + self.crop, left : left + self.crop]
-        return frames_to_pixels(frames)
+        return frames
+
+    def clip(self, index: int) -> torch.Tensor:
+        """The ``index``-th clip of the stream (what iteration yields at that position)."""
+        return frames_to_pixels(self.clip_frames(index))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
@@ -80,32 +84,45 @@ class ClipDataset(torch.utils.data.IterableDataset):
             yield self.clip(index)
 
 
-def _render_clip(args: tuple[int, int, int, int | None, int]) -> np.ndarray:
-    frames, size, crop, seed, index = args
-    clip = ClipDataset(frames, size, crop, seed).clip(index)
-    return ((clip + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+def single_threaded_worker() -> None:
+    """Initializer of rendering processes: one thread each for torch and OpenCV. Many workers that each start a
+    full-width OpenMP pool oversubscribe the cores; on a 16-core machine that made rendering stall."""
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
-def render_pool(dataset: ClipDataset, count: int, workers: int = 0) -> torch.Tensor:
-    """The first ``count`` clips of ``dataset`` as uint8 ``[count, 3, T, H, W]`` (exactly its clips: they are
-    rendered as uint8 and ``pool_batch`` maps them back to [-1, 1]), rendered in ``workers`` spawned processes.
+def _render_clips(args: tuple[int, int, int | None, int, range]) -> np.ndarray:
+    frames, size, crop, seed, indices = args
+    dataset = ClipDataset(frames, size, crop, seed)
+    return np.stack([dataset.clip_frames(i) for i in indices])
 
-    A pool held on the GPU feeds a training step without a DataLoader: at 64x64 a clip is 110 KB, so 16,384
-    9-frame clips take 1.8 GB.
+
+def render_pool(dataset: ClipDataset, count: int, workers: int = 0, group: int = 256) -> torch.Tensor:
+    """The first ``count`` clips of ``dataset`` as uint8 ``[count, T, H, W, 3]`` (``pool_batch`` turns rows into
+    exactly what ``dataset.clip`` gives), rendered ``group`` clips per job in ``workers`` spawned processes.
+
+    A pool held on the GPU feeds a training step without a DataLoader: at 64x64 a 9-frame clip is 110 KB, so
+    16,384 clips take 1.8 GB.
     """
-    jobs = [(dataset.frames, dataset.size, dataset.crop, dataset.seed, i) for i in range(count)]
+    jobs = [
+        (dataset.frames, dataset.size, dataset.crop, dataset.seed, range(lo, min(lo + group, count)))
+        for lo in range(0, count, group)
+    ]
     if workers > 0:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            clips = list(pool.map(_render_clip, jobs, chunksize=64))
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=single_threaded_worker) as pool:
+            parts = list(pool.map(_render_clips, jobs))
     else:
-        clips = [_render_clip(job) for job in jobs]
-    return torch.from_numpy(np.stack(clips))
+        parts = [_render_clips(job) for job in jobs]
+    return torch.from_numpy(np.concatenate(parts))
 
 
 def pool_batch(pool: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """A random batch of pool clips as float in [-1, 1] on the pool's device."""
+    """A random batch ``[batch, 3, T, H, W]`` of pool clips as float in [-1, 1] on the pool's device."""
     rows = torch.randint(pool.shape[0], (batch,), generator=generator, device=generator.device)
-    return pool[rows.to(pool.device)].float() / 127.5 - 1.0
+    return frames_to_pixels(pool[rows.to(pool.device)])
 
 
 def clip_loader(dataset: ClipDataset, batch: int, workers: int) -> Iterator[torch.Tensor]:
@@ -165,7 +182,8 @@ def encode_streams(
     seeds = list(itertools.islice(train_seeds(first_seed), count))
     frames = stream_pixel_frames(latent_frames, vae.config.scale_factor_temporal)
     jobs = [(s, frames, size) for s in seeds]
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else None
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=single_threaded_worker) if workers else None
     rendered = pool.map(_render_stream, jobs, chunksize=16) if pool else map(_render_stream, jobs)
     latents, captions = [], []
     try:
