@@ -149,6 +149,12 @@ class RollingKVCache:
         start = first_frame if mode == "absolute" else self.valid_frames
         return list(range(start, start + num_frames))
 
+    def kept(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``[B, valid_tokens, H, D]`` of the kept frames' K/V of ``layer`` (in slot order), without the
+        scratch region: what every chunk of a stream batch attends to besides itself."""
+        end = self.valid_tokens
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
     # -- the two writes
 
     def store_current(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

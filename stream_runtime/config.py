@@ -63,6 +63,14 @@ class StreamConfig:
     compute the cached part at step 0 and every N steps and reuse it in between (approximate, faster)."""
     max_text_tokens: int | None = None
     """Override of the text encoder's maximum prompt length (default: the model's)."""
+    stream_batch: bool = False
+    """Run the passes of successive chunks as one batch (StreamDiffusionV2's stream batch): one forward advances
+    every chunk in flight by one pass, so a chunk comes out per forward after a warm-up. A chunk attends to the
+    cache as it stands at each forward, which holds only chunks that have finished all their passes; see
+    :mod:`stream_runtime.stream_batch` for the exact schedule. Text-to-video only."""
+    stream_batch_stride: int = 1
+    """Stream batch: forwards between two passes of one chunk. 1 on one device; a pipeline over N stages uses N so
+    that N batches circulate at once (every stage busy). Outputs depend on it, since it decides what is cached."""
 
     def __post_init__(self) -> None:
         def positive(name: str, value: int, minimum: int = 1) -> None:
@@ -96,6 +104,19 @@ class StreamConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         positive("blend_chunks", self.blend_chunks, 0)
         positive("attention_reuse", self.attention_reuse, 0)
+        positive("stream_batch_stride", self.stream_batch_stride)
+        if self.stream_batch_stride > 1 and not self.stream_batch:
+            raise ValueError(f"stream_batch_stride={self.stream_batch_stride} needs stream_batch=True")
+        if self.stream_batch and self.prompt_switch == "reset":
+            raise ValueError(
+                "stream_batch does not support prompt_switch='reset' (chunks in flight keep their frame numbers); "
+                "use 'keep' or 'recache'"
+            )
+        if self.stream_batch and self.attention_reuse:
+            raise ValueError(
+                "stream_batch does not support attention_reuse (each chunk in a batch is at its own step); "
+                "set attention_reuse=0"
+            )
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         lo, hi = self.motion_strength_range

@@ -27,6 +27,7 @@ from stream_runtime.config import StreamConfig
 from stream_runtime.reuse import CrossStepReuse
 
 from . import sampling
+from .stream_batch import StreamBatchRunner, passes_of
 from .vae_stream import StreamingVAEDecoder, StreamingVAEEncoder
 
 MOTION_FULL_SCALE = 0.2
@@ -65,6 +66,8 @@ class StreamSession:
     def __init__(self, pipe, prompt: str, seed: int, mode: str, height: int, width: int, config: StreamConfig):
         if mode not in ("t2v", "v2v"):
             raise ValueError(f"mode must be 't2v' or 'v2v', got {mode!r}")
+        if config.stream_batch and mode != "t2v":
+            raise ValueError("stream_batch supports text-to-video only (mode='t2v'); set stream_batch=False for v2v")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         pipe.check_resolution(height, width)
@@ -108,6 +111,7 @@ class StreamSession:
         self.profile = False
         """Set True to record per-phase wall times in :attr:`timings` (synchronises the device: benchmarks only)."""
         self.timings: dict[str, float] = {}
+        self._stream_batch = StreamBatchRunner(self) if config.stream_batch else None
 
     # -- context manager and iteration
 
@@ -160,7 +164,15 @@ class StreamSession:
             self.recache()
 
     # Fields that shape the cache or the stream's geometry cannot change on a live session.
-    _FIXED_FIELDS = ("chunk_frames", "sink_frames", "window_frames", "position_mode", "attention_reuse")
+    _FIXED_FIELDS = (
+        "chunk_frames",
+        "sink_frames",
+        "window_frames",
+        "position_mode",
+        "attention_reuse",
+        "stream_batch",
+        "stream_batch_stride",
+    )
 
     def set_config(self, config: StreamConfig) -> None:
         """Change per-chunk settings (step list, shift, strength, motion control, blending, switch policy,
@@ -169,6 +181,11 @@ class StreamSession:
         changed = [f for f in self._FIXED_FIELDS if getattr(config, f) != getattr(self.config, f)]
         if changed:
             raise ValueError(f"cannot change {changed} on a live session; open a new session instead")
+        if config.stream_batch and passes_of(config) != passes_of(self.config):
+            raise ValueError(
+                "a stream-batch session cannot change its number of passes (len(timesteps) + context_pass) while "
+                "chunks are in flight; keep the step count and context_pass, or open a new session"
+            )
         self.config = config
         self._sigmas = sampling.sigmas_for(config.timesteps, config.shift)
 
@@ -277,10 +294,17 @@ class StreamSession:
     @torch.no_grad()
     def generate_latents(self) -> torch.Tensor | None:
         """Denoise the next chunk and keep it in the cache; return its clean latents ``[1, C, F, h, w]`` (on the
-        device, nothing decoded), or None when a video-to-video session lacks input frames."""
+        device, nothing decoded), or None when a video-to-video session lacks input frames. With ``stream_batch``
+        this runs forwards until the next chunk leaves the batch (the first call warms the pipeline up)."""
         self._check_open()
-        self._advance_blend()
         f = self.config.chunk_frames
+        if self._stream_batch is not None:
+            with self._phase("denoise_s"):
+                chunk, x0 = self._stream_batch.next_latents()
+            self.frame = (chunk + 1) * f
+            self.chunk_index = chunk + 1
+            return x0
+        self._advance_blend()
         if self.mode == "v2v":
             start = self._v2v_start()
             if start is None:

@@ -15,6 +15,8 @@ code itself is checked against diffusers' ``WanTransformer3DModel.forward`` in t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
@@ -24,11 +26,33 @@ from stream_runtime.cache import RollingKVCache
 
 from .rope import apply_rope, rope_cos_sin
 
-TextKV = list[tuple[torch.Tensor, torch.Tensor]]
+TextKV = list[tuple[torch.Tensor, torch.Tensor]] | dict[int, tuple[torch.Tensor, torch.Tensor]]
+"""Cross-attention K/V per block, indexed by block number (a list for the whole model, a dict for a stage)."""
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(2, (heads, -1))
+
+
+@dataclass
+class BatchConditioning:
+    """What every block of one stream-batch forward needs besides the activations: rebuilt on each pipeline stage
+    from host metadata (timesteps, frame numbers, the cache's bookkeeping), so only activations travel."""
+
+    frames: int
+    """Latent frames per chunk (all chunks of a batch have the same number)."""
+    grid: tuple[int, int]
+    """Patch grid of one frame."""
+    temb: torch.Tensor
+    """Time embedding ``[B, F, dim]`` (the head's modulation)."""
+    mod: torch.Tensor
+    """Block modulation input ``[B, F, 6, dim]``."""
+    q_cos: torch.Tensor
+    """RoPE of the chunks' own tokens, ``[B, F*h*w, 1, D/2]`` (``[F*h*w, 1, D/2]`` when shared by every chunk)."""
+    q_sin: torch.Tensor
+    k_cos: torch.Tensor | None = None
+    """Bounded positions only: RoPE of ``[kept frames | chunk]`` keys (cached keys are stored unrotated)."""
+    k_sin: torch.Tensor | None = None
 
 
 class StreamingWanTransformer(nn.Module):
@@ -75,19 +99,20 @@ class StreamingWanTransformer(nn.Module):
 
     # -- conditioning
 
-    def text_kv(self, text_embeds: torch.Tensor) -> TextKV:
-        """Cross-attention K/V of every block for prompt embeddings ``[B, Lt, text_dim]``: ``[(k, v)]`` with
-        ``k, v [B, Lt, H, D]``. Computed once per prompt, reused by every chunk and step."""
+    def text_kv(self, text_embeds: torch.Tensor, layers: range | None = None) -> TextKV:
+        """Cross-attention K/V for prompt embeddings ``[B, Lt, text_dim]``: ``[(k, v)]`` with ``k, v [B, Lt, H, D]``
+        for every block, or ``{layer: (k, v)}`` for the blocks in ``layers`` (a pipeline stage). Computed once per
+        prompt, reused by every chunk and step."""
         ctx = self.wan.condition_embedder.text_embedder(text_embeds.to(self.dtype))
-        out = []
-        for block in self.wan.blocks:
-            attn = block.attn2
+        out = {}
+        for i in range(self.num_layers) if layers is None else layers:
+            attn = self.wan.blocks[i].attn2
             if getattr(attn, "fused_projections", False):
                 k, v = attn.to_kv(ctx).chunk(2, dim=-1)
             else:
                 k, v = attn.to_k(ctx), attn.to_v(ctx)
-            out.append((_heads(attn.norm_k(k), self.heads), _heads(v, self.heads)))
-        return out
+            out[i] = (_heads(attn.norm_k(k), self.heads), _heads(v, self.heads))
+        return list(out.values()) if layers is None else out
 
     def _time(self, timestep: torch.Tensor | float, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-frame time embedding ``[B, F, dim]`` and block modulation input ``[B, F, 6, dim]``."""
@@ -218,6 +243,114 @@ class StreamingWanTransformer(nn.Module):
 
             h = self._block(block, h, frames, mod, text[i], self_attn)
         return self._head(h, temb, (b, frames, *grid))
+
+    # -- the stream-batch pass: chunks at different passes in one forward, split into stage-sized pieces
+
+    def batch_conditioning(
+        self,
+        timesteps: torch.Tensor,
+        first_frames: list[int],
+        frames: int,
+        grid: tuple[int, int],
+        cache: RollingKVCache,
+        position_mode: str = "absolute",
+    ) -> BatchConditioning:
+        """Conditioning of a batch of ``B = len(first_frames)`` chunks at ``timesteps [B]`` (or ``[B, F]``) whose
+        first latent frames are ``first_frames``; ``cache`` supplies the kept frames' positions (bounded mode)."""
+        b = len(first_frames)
+        temb, mod = self._time(timesteps, b, frames)
+        if position_mode == "bounded":
+            # Every chunk follows the same kept frames, so all share one set of positions.
+            q_pos = cache.chunk_positions(0, frames, "bounded")
+            q_cos, q_sin = self._rope(q_pos, grid)
+            k_cos, k_sin = self._rope(cache.slot_positions("bounded") + q_pos, grid)
+            return BatchConditioning(frames, grid, temb, mod, q_cos, q_sin, k_cos, k_sin)
+        ropes = [self._rope(cache.chunk_positions(f, frames, "absolute"), grid) for f in first_frames]
+        q_cos, q_sin = (torch.stack(t) for t in zip(*ropes, strict=True))
+        return BatchConditioning(frames, grid, temb, mod, q_cos, q_sin)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``[B, F*h*w, dim]`` of latents ``x [B, C, F, h, w]`` (the first stage's job)."""
+        return self._embed(x)
+
+    def run_blocks(
+        self,
+        h: torch.Tensor,
+        cond: BatchConditioning,
+        text: TextKV,
+        cache: RollingKVCache,
+        layers: range | None = None,
+        commit_item: int | None = None,
+        backend: str = "sdpa",
+        **attn_kwargs,
+    ) -> torch.Tensor:
+        """Blocks ``layers`` (default: all) over a stream batch ``h [B, F*h*w, dim]``.
+
+        Each chunk attends to the kept frames of ``cache`` (one view shared by the batch) and to its own tokens,
+        never to the other chunks. The K/V of chunk ``commit_item`` go to the cache's scratch region, so that
+        :meth:`RollingKVCache.commit` after the forward keeps them; the cache is otherwise unchanged.
+        """
+        b = h.shape[0]
+        bounded = cond.k_cos is not None
+        for i in range(self.num_layers) if layers is None else layers:
+
+            def self_attn(q, k, v, layer=i):
+                q = apply_rope(q, cond.q_cos, cond.q_sin)
+                if not bounded:
+                    k = apply_rope(k, cond.q_cos, cond.q_sin)
+                if commit_item is not None:
+                    cache.store_current(layer, k[commit_item : commit_item + 1], v[commit_item : commit_item + 1])
+                kept_k, kept_v = cache.kept(layer)
+                # The kept frames are shared: a broadcast view, copied once into the concatenation.
+                k_all = torch.cat([kept_k.expand(b, -1, -1, -1).to(k.dtype), k], dim=1)
+                v_all = torch.cat([kept_v.expand(b, -1, -1, -1).to(v.dtype), v], dim=1)
+                if bounded:
+                    k_all = apply_rope(k_all, cond.k_cos, cond.k_sin)
+                return attention(
+                    q, k_all, v_all, backend=backend, layer=layer, cache=cache, frame_grid=cond.grid, **attn_kwargs
+                )
+
+            text_k, text_v = text[i]
+            text_i = (text_k.expand(b, -1, -1, -1), text_v.expand(b, -1, -1, -1))
+            h = self._block(self.wan.blocks[i], h, cond.frames, cond.mod, text_i, self_attn)
+        return h
+
+    def head(self, h: torch.Tensor, cond: BatchConditioning) -> torch.Tensor:
+        """Flow prediction ``[B, C, F, h, w]`` from the last block's output (the last stage's job)."""
+        return self._head(h, cond.temb, (h.shape[0], cond.frames, *cond.grid))
+
+    def forward_batch(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        first_frames: list[int],
+        text: TextKV,
+        cache: RollingKVCache,
+        commit_item: int | None = None,
+        position_mode: str = "absolute",
+        backend: str = "sdpa",
+        **attn_kwargs,
+    ) -> torch.Tensor:
+        """Flow prediction for a stream batch ``x [B, C, F, h, w]``: chunk ``b`` at ``timesteps[b]`` starting at
+        stream frame ``first_frames[b]``; see :meth:`run_blocks` for what each chunk attends to and
+        :mod:`stream_runtime.stream_batch` for the schedule.
+
+        Example::
+
+            flow = net.forward_batch(x, torch.tensor([t0, t1]), [6, 3], text, cache, commit_item=1)
+            cache.commit(3, 3, latents=x0_of_item_1)
+        """
+        if len(first_frames) != x.shape[0]:
+            raise ValueError(f"first_frames must give one frame per chunk ({x.shape[0]}), got {len(first_frames)}")
+        grid = self.grid(*x.shape[3:])
+        if cache.layout.frame_tokens != grid[0] * grid[1]:
+            raise ValueError(
+                f"cache was built for {cache.layout.frame_tokens} tokens per frame, latents give {grid[0] * grid[1]}"
+            )
+        frames = x.shape[2] // self.patch_size[0]
+        cond = self.batch_conditioning(timesteps, first_frames, frames, grid, cache, position_mode)
+        h = self.run_blocks(self.embed(x), cond, text, cache, None, commit_item, backend, **attn_kwargs)
+        return self.head(h, cond)
 
     # -- the full-sequence pass (reference and training)
 

@@ -1,0 +1,104 @@
+"""A :class:`StreamSession` on the stream-batch schedule (``StreamConfig.stream_batch=True``).
+
+One forward advances every chunk in flight by one pass (see :mod:`stream_runtime.stream_batch` for the schedule and
+what each chunk attends to)::
+
+    forward f:  x = [chunk f at pass 0 (new noise) | chunk f-S at pass 1 | ... | chunk f-(P-1)S at pass P-1]
+                flow = DiT(x, per-chunk t) over [kept frames | own chunk]   (one shared cache view)
+                per chunk: x0 = x - sigma*flow, re-noise to its next pass (or x0 into the context pass at t=0)
+                commit the chunk whose last pass this was -> its clean latents go out
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stream_runtime.stream_batch import StreamBatchSchedule, pass_noise
+
+from . import sampling
+
+
+def passes_of(config) -> int:
+    """Passes per chunk: the denoising steps plus the clean context pass when the config has one."""
+    return len(config.timesteps) + int(config.context_pass)
+
+
+class StreamBatchRunner:
+    """Runs the forwards of one text-to-video session on the stream-batch schedule.
+
+    Holds the latents of every chunk in flight between forwards; the session's cache, prompt (text K/V) and
+    blend are used as they stand at each forward, so live controls act between two forwards.
+
+    Example::
+
+        runner = StreamBatchRunner(session)
+        chunk, x0 = runner.next_latents()      # runs forwards until a chunk leaves: [1, C, F, h, w]
+    """
+
+    def __init__(self, session) -> None:
+        self.session = session
+        config = session.config
+        self.schedule = StreamBatchSchedule(passes_of(config), config.stream_batch_stride)
+        self.forward_index = 0
+        """Forwards run so far."""
+        self.inputs: dict[int, torch.Tensor] = {}
+        """Chunk -> latents ``[1, C, F, h, w]`` for its next pass."""
+
+    def _start(self, chunk: int) -> torch.Tensor:
+        s = self.session
+        shape = (1, s.latent_shape[0], s.config.chunk_frames, *s.latent_shape[1:])
+        return pass_noise(s.seed, chunk, 0, shape, s.pipe.device)
+
+    def step(self) -> tuple[int, torch.Tensor] | None:
+        """Run one forward; return ``(chunk, clean latents)`` of the chunk that left in it, or None (warm-up)."""
+        s, config = self.session, self.session.config
+        s._advance_blend()
+        f = self.forward_index
+        items = self.schedule.items(f)
+        leaving = self.schedule.leaving(f)
+        steps = len(config.timesteps)
+        sigmas = s._sigmas
+        xs, ts = [], []
+        for chunk, p in items:
+            x = self.inputs.pop(chunk) if p > 0 else self._start(chunk)
+            xs.append(x)
+            ts.append(sigmas[p] * 1000.0 if p < steps else 0.0)
+        x = torch.cat(xs)
+        first_frames = [chunk * config.chunk_frames for chunk, _ in items]
+        commit_item = len(items) - 1 if leaving is not None else None  # the leaving chunk is the last item
+        timesteps = torch.tensor(ts, dtype=torch.float32, device=s.pipe.device)
+        flow = s.net.forward_batch(
+            x,
+            timesteps,
+            first_frames,
+            s._text,
+            s.cache,
+            commit_item=commit_item,
+            position_mode=config.position_mode,
+            backend=config.attention_backend,
+        )
+        out = None
+        for b, (chunk, p) in enumerate(items):
+            if p == steps:  # the context pass: its input was the clean latents
+                x0 = xs[b]
+            else:
+                x0 = sampling.to_x0(xs[b], flow[b : b + 1].float(), sigmas[p])
+            if p + 1 < steps:
+                noise = pass_noise(s.seed, chunk, p + 1, x0.shape, s.pipe.device)
+                self.inputs[chunk] = sampling.add_noise(x0, noise, sigmas[p + 1])
+            elif p + 1 == steps and config.context_pass:
+                self.inputs[chunk] = x0
+            if chunk == leaving:
+                out = (chunk, x0)
+        if out is not None:
+            chunk, x0 = out
+            s.cache.commit(chunk * config.chunk_frames, config.chunk_frames, latents=x0)
+        self.forward_index += 1
+        return out
+
+    def next_latents(self) -> tuple[int, torch.Tensor]:
+        """Run forwards until a chunk leaves; return ``(chunk, clean latents [1, C, F, h, w])``."""
+        while True:
+            out = self.step()
+            if out is not None:
+                return out
