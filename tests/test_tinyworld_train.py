@@ -8,7 +8,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from stream_runtime import StreamConfig, StreamPipeline
 from stream_runtime.cache import CacheLayout, RollingKVCache
-from stream_runtime.pipelines.tinyworld import export, model, train_dit, train_vae
+from stream_runtime.pipelines.tinyworld import eval_model, export, model, train_dit, train_vae
 from stream_runtime.pipelines.tinyworld.train_data import ClipDataset, pool_batch, render_pool
 from stream_runtime.pipelines.tinyworld.world import caption, sample_spec
 from stream_runtime.pipelines.wan.transformer import StreamingWanTransformer
@@ -122,6 +122,20 @@ def test_stages_chain_into_a_streamable_folder(tmp_path):
         )
     )
     assert dit_log["steps"] == 2 and np.isfinite(dit_log["first_loss"])
+    more = train_dit.train(  # a chained run continues from the first one's weights
+        train_dit.DiTTrainConfig(
+            vae=str(vae_dir),
+            out=str(tmp_path / "dit2"),
+            init=str(dit_dir),
+            steps=1,
+            batch=2,
+            size=SIZE,
+            clips=2,
+            latent_frames=6,
+            **TINY_DIT,
+        )
+    )
+    assert np.isfinite(more["first_loss"])
     summary = export.export(str(vae_dir), str(dit_dir), str(out))
     assert summary["megabytes"] < export.MAX_MB
 
@@ -134,6 +148,30 @@ def test_stages_chain_into_a_streamable_folder(tmp_path):
     assert first.dtype == np.uint8
     with pytest.raises(ValueError, match="purple"):
         pipe.session("a small purple circle moving left on a black background")
+
+    report = eval_model.main(
+        [
+            "--model",
+            str(out),
+            "--prompts",
+            "1",
+            "--frames",
+            "22",
+            "--switch",
+            "1",
+            "--stability",
+            "6",
+            "--stability-prompts",
+            "1",
+            "--out",
+            str(tmp_path / "eval.json"),
+        ]
+    )
+    for key in ("colour_accuracy", "shape_accuracy", "motion_accuracy"):
+        assert 0.0 <= report[key] <= 1.0 and 0.0 <= report["switch"][key] <= 1.0
+    assert report["switch"]["settle_chunks"] == eval_model.SWITCH_SETTLE_CHUNKS
+    assert report["stability"]["without_sink"]["sink_frames"] == 0
+    assert (tmp_path / "eval.json").is_file()
 
 
 def test_teacher_forcing_pass_equals_the_stream():

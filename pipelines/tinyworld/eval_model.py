@@ -10,7 +10,9 @@ rolling cache, the folder's stream settings unless overridden) until ``--frames`
 is scored against the prompt with :func:`evaluate.evaluate` (colour, shape, size, motion, count). Speed is
 frames per second of the whole stream (session start, denoising, decoding, copy to the host) on ``--device``.
 ``--stability N`` also streams N latent frames for a few prompts, with and without the sink, and reports
-:func:`evaluate.stability` for each.
+:func:`evaluate.stability` for each. ``--switch N`` streams N held-out prompts, switches each to the next
+held-out prompt mid-stream and scores the frames from :data:`SWITCH_SETTLE_CHUNKS` chunks after the switch
+against the new prompt (does the new colour / motion hold within that many chunks?).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from .world import MIN_FRAMES_TO_JUDGE_BOUNCE, caption, held_out_seeds, sample_s
 
 DEFAULT_FRAMES = 32
 """Two seconds: more than MIN_FRAMES_TO_JUDGE_BOUNCE, so a bounce shows a turn."""
+SWITCH_SETTLE_CHUNKS = 2
+"""Chunks after a prompt switch that are not scored: the new prompt must hold from the next chunk on."""
 
 
 def stream_clip(pipe: StreamPipeline, prompt: str, seed: int, frames: int, **overrides) -> tuple[np.ndarray, dict]:
@@ -114,6 +118,39 @@ def stability_runs(pipe: StreamPipeline, latent_frames: int, prompts: int, seed:
     return {"latent_frames": latent_frames, "video_frames": frames, **out}
 
 
+def switch_runs(pipe: StreamPipeline, count: int, frames: int, seed: int = 0, **overrides) -> dict:
+    """Prompt switches: held-out prompt ``i`` streams ``frames`` frames, then the stream switches to prompt
+    ``i + 1`` (``session.set_prompt``, the folder's switch mode) and goes on; the frames from
+    :data:`SWITCH_SETTLE_CHUNKS` chunks after the switch (``frames`` of them) are scored against the new
+    prompt. Returns the accuracies of :func:`evaluate.evaluate` over the ``count`` switches and each switch."""
+    seeds = held_out_seeds()
+    if not 1 <= count < len(seeds):
+        raise ValueError(f"switch: expected 1 .. {len(seeds) - 1} prompts, got {count}")
+    if frames < MIN_FRAMES_TO_JUDGE_BOUNCE:
+        raise ValueError(f"frames: expected >= {MIN_FRAMES_TO_JUDGE_BOUNCE} to judge bounces, got {frames}")
+    clips, targets, runs = [], [], []
+    for i in range(count):
+        before, after = caption(sample_spec(seeds[i])), caption(sample_spec(seeds[i + 1]))
+        with pipe.session(before, seed=seed + seeds[i], **overrides) as session:
+            count_before = 0
+            while count_before < frames:
+                count_before += len(next(session))
+            session.set_prompt(after)
+            chunks = []
+            for _ in range(SWITCH_SETTLE_CHUNKS):
+                next(session)
+            while sum(len(c) for c in chunks) < frames:
+                chunks.append(next(session))
+        clips.append(np.concatenate(chunks))
+        targets.append(after)
+        runs.append({"before": before, "after": after})
+        print(f"switch [{i + 1}/{count}] -> {after}", flush=True)
+    scores = evaluate(clips, targets)
+    for run, score in zip(runs, scores.pop("scores"), strict=True):
+        run.update(score)
+    return {"settle_chunks": SWITCH_SETTLE_CHUNKS, "switches": count, **scores, "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="folder written by export (or any tiny-world model folder)")
@@ -127,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shift", type=float, default=None, help="override the folder's shift")
     parser.add_argument("--stability", type=int, default=0, metavar="LATENT_FRAMES", help="0: no stability run")
     parser.add_argument("--stability-prompts", type=int, default=4)
+    parser.add_argument("--switch", type=int, default=0, metavar="PROMPTS", help="0: no prompt-switch run")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,8 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.stability:
         result["stability"] = stability_runs(pipe, args.stability, args.stability_prompts, args.seed, **overrides)
+    if args.switch:
+        result["switch"] = switch_runs(pipe, args.switch, args.frames, args.seed, **overrides)
+        print(json.dumps({k: v for k, v in result["switch"].items() if k != "runs"}, indent=2))
     result["seconds"] = time.perf_counter() - start
-    summary = {k: v for k, v in result.items() if k not in ("per_prompt", "stability")}
+    summary = {k: v for k, v in result.items() if k not in ("per_prompt", "stability", "switch")}
     print(json.dumps(summary, indent=2, default=str))
     if "stability" in result:
         print(
