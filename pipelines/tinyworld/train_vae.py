@@ -207,7 +207,9 @@ def train(cfg: VAETrainConfig) -> dict:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if cfg.pool > 0:
         pool = render_pool(dataset, cfg.pool, cfg.workers).to(device)
-        common.log(f"rendered a pool of {cfg.pool} clips ({pool.numel() / 2**30:.2f} GiB) in {common.since(stage_start)}")
+        common.log(
+            f"rendered a pool of {cfg.pool} clips ({pool.numel() / 2**30:.2f} GiB) in {common.since(stage_start)}"
+        )
         batches = iter(lambda: pool_batch(pool, cfg.batch, generator), None)
     else:
         batches = clip_loader(dataset, cfg.batch, cfg.workers)
