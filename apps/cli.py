@@ -2,6 +2,7 @@
 
 stream-runtime generate --prompt "a fox running in snow" --seconds 10 --out clip.mp4
 stream-runtime generate --model Wan2.1-T2V-1.3B-Diffusers --checkpoint self_forcing_dmd.pt --device cuda ...
+stream-runtime generate --model Wan2.1-T2V-1.3B-Diffusers --decoder taehv:taew2_1.pth ...   # the tiny TAEHV decoder
 stream-runtime serve --port 7860 --max-sessions 4      # the app at http://127.0.0.1:7860/ + websocket server
 stream-runtime serve --host 0.0.0.0 --token auto      # other machines too: every client needs the printed token
 stream-runtime understand match.mp4 --model Qwen2-VL-2B-Instruct --fps 1   # one line of description per step
@@ -33,6 +34,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-scale", type=float, default=1.0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument(
+        "--decoder",
+        default="vae",
+        metavar="vae|taehv:PATH",
+        help="what decodes latents to frames: the full Wan VAE (default) or TAEHV weights such as taew2_1.pth "
+        "(much cheaper, slightly lower quality)",
+    )
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -43,7 +51,9 @@ def load_pipeline(args: argparse.Namespace):
         if args.checkpoint:
             raise ValueError("--checkpoint needs --model FOLDER (the VAE, text encoder and tokenizer come from it)")
         print("No --model given: using the tiny random-weights model (moving noise, no trained content).")
-        return StreamPipeline.tiny_random(device=args.device, dtype=dtype or torch.float32)
+        pipe = StreamPipeline.tiny_random(device=args.device, dtype=dtype or torch.float32)
+        pipe.set_decoder(args.decoder)
+        return pipe
     return StreamPipeline.from_pretrained(
         args.model,
         device=args.device,
@@ -51,6 +61,7 @@ def load_pipeline(args: argparse.Namespace):
         transformer_checkpoint=args.checkpoint,
         lora=args.lora,
         lora_scale=args.lora_scale,
+        decoder=args.decoder,
     )
 
 

@@ -24,13 +24,18 @@ from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 from stream_runtime.config import StreamConfig, check_resolution, text_to_video_config, video_to_video_config
 
 from . import presets
+from .taehv import TAEHV, StreamingTAEHVDecoder, load_taehv
 from .text import PromptEncoder, build_word_tokenizer
 from .transformer import StreamingWanTransformer
-from .vae_stream import tiny_vae_config
+from .vae_stream import StreamingVAEDecoder, tiny_vae_config
 
 RUNTIME_FILE = "stream_runtime.json"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 MODES = ("t2v", "v2v")
+DECODER_VAE = "vae"
+"""Decoder spec: the full Wan VAE (the default)."""
+DECODER_TAEHV_PREFIX = "taehv:"
+"""Decoder spec prefix: ``taehv:PATH`` decodes with TAEHV weights from PATH (e.g. ``taew2_1.pth``)."""
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -72,6 +77,8 @@ class StreamPipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.taehv: TAEHV | None = None
+        """TAEHV decoder of new sessions (:meth:`set_decoder`); None: the full VAE decodes."""
         self.defaults = dict(defaults or {})
         self.prompts = PromptEncoder(
             tokenizer,
@@ -118,6 +125,57 @@ class StreamPipeline:
     def check_resolution(self, height: int, width: int) -> None:
         check_resolution(height, width, self.spatial_factor)
 
+    # -- decoder
+
+    def set_decoder(self, decoder: str | TAEHV) -> None:
+        """Choose what decodes the latents of sessions opened from now on.
+
+        ``decoder``: ``"vae"`` (the full Wan VAE, the default), ``"taehv:PATH"`` (TAEHV weights in the public
+        layout, e.g. ``taew2_1.pth``: several times less decoder work, slightly lower quality) or a
+        :class:`~stream_runtime.pipelines.wan.taehv.TAEHV` module. The VAE stays loaded: video-to-video still
+        encodes its input with it. A TAEHV must have the transformer's latent channels and the VAE's scale factors.
+
+        Example::
+
+            pipe.set_decoder("taehv:/models/taew2_1.pth")
+        """
+        if isinstance(decoder, str) and decoder == DECODER_VAE:
+            self.taehv = None
+            return
+        path = decoder.removeprefix(DECODER_TAEHV_PREFIX) if isinstance(decoder, str) else ""
+        if isinstance(decoder, TAEHV):
+            model = decoder
+        elif path and path != decoder:
+            model = load_taehv(path)
+        else:
+            raise ValueError(
+                f"`decoder` must be {DECODER_VAE!r}, '{DECODER_TAEHV_PREFIX}PATH' or a TAEHV module; got {decoder!r}"
+            )
+        config, vae_config = model.config, self.vae.config
+        latent = self.transformer.config.out_channels or self.transformer.config.in_channels
+        if config.latent_channels != latent:
+            raise ValueError(
+                f"the TAEHV decoder must take the transformer's {latent} latent channels; got a TAEHV with "
+                f"latent_channels={config.latent_channels} (taew2_1.pth is for Wan2.1's 16)"
+            )
+        factors = (config.temporal_factor, config.spatial_factor)
+        if factors != (vae_config.scale_factor_temporal, vae_config.scale_factor_spatial):
+            raise ValueError(
+                f"the TAEHV decoder's (temporal, spatial) factors must equal the VAE's "
+                f"({vae_config.scale_factor_temporal}, {vae_config.scale_factor_spatial}); got {factors}"
+            )
+        vae_weight = next(self.vae.parameters())  # diffusers' .dtype walks every module
+        self.taehv = model.to(vae_weight.device, vae_weight.dtype).eval().requires_grad_(False)
+
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        """The dtype latents must have for :meth:`streaming_decoder`'s ``decode``."""
+        return next((self.taehv or self.vae).parameters()).dtype
+
+    def streaming_decoder(self) -> StreamingVAEDecoder | StreamingTAEHVDecoder:
+        """A fresh streaming decoder for one session: TAEHV if :meth:`set_decoder` chose it, else the VAE."""
+        return StreamingVAEDecoder(self.vae) if self.taehv is None else StreamingTAEHVDecoder(self.taehv)
+
     # -- sessions
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -156,11 +214,13 @@ class StreamPipeline:
         transformer_checkpoint: str | pathlib.Path | None = None,
         lora: str | pathlib.Path | None = None,
         lora_scale: float = 1.0,
+        decoder: str | TAEHV = DECODER_VAE,
     ) -> StreamPipeline:
         """Load a diffusers-layout folder; optionally take the transformer from an original-format causal
         checkpoint file (with a LoRA merged on load, e.g. LongLive).
 
-        ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU.
+        ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU. ``decoder``: see :meth:`set_decoder`
+        (``"taehv:taew2_1.pth"`` for the tiny TAEHV decoder).
         """
         root = pathlib.Path(path)
         if not root.is_dir():
@@ -206,13 +266,15 @@ class StreamPipeline:
         defaults = {}
         if (root / RUNTIME_FILE).is_file():
             defaults = json.loads((root / RUNTIME_FILE).read_text())
-        pipe = cls(transformer, vae, text_encoder, tokenizer, defaults)
-        return pipe.to(device)
+        pipe = cls(transformer, vae, text_encoder, tokenizer, defaults).to(device)
+        pipe.set_decoder(decoder)
+        return pipe
 
     def to(self, device: str | torch.device) -> StreamPipeline:
-        for module in (self.transformer, self.vae, self.text_encoder):
+        modules = [self.transformer, self.vae, self.text_encoder] + ([self.taehv] if self.taehv is not None else [])
+        for module in modules:
             module.to(device)
-        for m in (self.transformer, self.vae, self.text_encoder):
+        for m in modules:
             m.eval().requires_grad_(False)
         return self
 

@@ -5,7 +5,7 @@ Per chunk of ``F`` latent frames::
     noise (t2v) | VAE-encoded input + noise (v2v)
       -> for each step: flow = DiT(x, t) over [sinks | window | chunk]; x0 = x - sigma*flow; re-noise to next step
       -> clean context pass at t=0 writes the chunk's K/V into the cache (or the last step's K/V are kept)
-      -> streaming VAE decode -> uint8 frames [T, H, W, 3]
+      -> streaming VAE (or TAEHV) decode -> uint8 frames [T, H, W, 3]
 
 The hot path has no host synchronisation: step sizes are Python floats known in advance (or device tensors in
 motion-aware video-to-video) and the cache's bookkeeping is host integers. The only sync is the copy of finished
@@ -28,7 +28,7 @@ from stream_runtime.reuse import CrossStepReuse
 
 from . import sampling
 from .stream_batch import StreamBatchRunner, passes_of
-from .vae_stream import StreamingVAEDecoder, StreamingVAEEncoder
+from .vae_stream import StreamingVAEEncoder
 
 MOTION_FULL_SCALE = 0.2
 """Mean absolute frame difference (pixels in [-1, 1]) at which motion-aware strength reaches its upper bound."""
@@ -90,7 +90,8 @@ class StreamSession:
             device=device,
         )
         self._vae_dtype = next(pipe.vae.parameters()).dtype  # diffusers' .dtype walks every module
-        self.decoder = StreamingVAEDecoder(pipe.vae)
+        self.decoder = pipe.streaming_decoder()  # the full VAE, or TAEHV (pipe.set_decoder)
+        self._decode_dtype = pipe.decoder_dtype
         self.encoder = StreamingVAEEncoder(pipe.vae) if mode == "v2v" else None
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seed = seed
@@ -350,7 +351,7 @@ class StreamSession:
         if x0 is None:
             return None
         with self._phase("decode_s"):
-            pixels = self.decoder.decode(x0.to(self._vae_dtype))  # [1, 3, T, H, W] in [-1, 1]
+            pixels = self.decoder.decode(x0.to(self._decode_dtype))  # [1, 3, T, H, W] in [-1, 1]
         frames = ((pixels[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
         out = frames.permute(1, 2, 3, 0).cpu().numpy()
         self.last_chunk = ChunkInfo(self.chunk_index - 1, self.output_frames, len(out), time.perf_counter() - start)
