@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--timesteps", type=float, nargs="+", default=None, help="override the folder's steps")
     parser.add_argument("--shift", type=float, default=None, help="override the folder's shift")
+    parser.add_argument("--attention", default=None, help="self-attention backend (default: the folder's, sdpa)")
+    parser.add_argument(
+        "--reuse", type=int, default=None, metavar="N", help="cross-step attention reuse refresh interval (0: exact)"
+    )
     parser.add_argument("--stability", type=int, default=0, metavar="LATENT_FRAMES", help="0: no stability run")
     parser.add_argument("--stability-prompts", type=int, default=4)
     parser.add_argument("--switch", type=int, default=0, metavar="PROMPTS", help="0: no prompt-switch run")
@@ -173,6 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
         overrides["timesteps"] = tuple(args.timesteps)
     if args.shift is not None:
         overrides["shift"] = args.shift
+    if args.attention is not None:
+        overrides["attention_backend"] = args.attention
+    if args.reuse is not None:
+        overrides["attention_reuse"] = args.reuse
     pipe = StreamPipeline.from_pretrained(args.model, device=args.device)
     start = time.perf_counter()
     result = {
