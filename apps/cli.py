@@ -77,6 +77,10 @@ def _stream_overrides(args: argparse.Namespace) -> dict:
         overrides["attention_backend"] = args.attention
     if args.attention_reuse is not None:
         overrides["attention_reuse"] = args.attention_reuse
+    if args.stream_batch:
+        overrides["stream_batch"] = True
+    if args.stream_batch_stride is not None:
+        overrides["stream_batch_stride"] = args.stream_batch_stride
     return overrides
 
 
@@ -194,13 +198,8 @@ def cmd_understand(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from stream_runtime.serving.limits import ClientLimits  # light: no server dependencies
-
-    parser = argparse.ArgumentParser(prog="stream-runtime", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="stream text-to-video into an MP4 file")
+def add_generate_args(gen: argparse.ArgumentParser) -> None:
+    """The arguments of ``generate`` (shared with ``python -m stream_runtime.distributed.generate``)."""
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--seconds", type=float, default=10.0)
     gen.add_argument("--out", default="clip.mp4")
@@ -225,7 +224,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="reuse attention to the cached frames across steps, recomputed every N steps (0 off, 1 exact)",
     )
+    s.add_argument(
+        "--stream-batch",
+        action="store_true",
+        dest="stream_batch",
+        help="run the steps of successive chunks as one batch (a chunk per forward after a warm-up)",
+    )
+    s.add_argument(
+        "--stream-batch-stride",
+        type=int,
+        dest="stream_batch_stride",
+        metavar="N",
+        help="forwards between two passes of a chunk: 1 on one device, N for a pipeline over N stages",
+    )
     _add_model_args(gen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stream_runtime.serving.limits import ClientLimits  # light: no server dependencies
+
+    parser = argparse.ArgumentParser(prog="stream-runtime", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream text-to-video into an MP4 file")
+    add_generate_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="serve the Gradio app and live streams over a websocket (docs/protocol.md)")

@@ -155,6 +155,20 @@ class RollingKVCache:
         end = self.valid_tokens
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
+    def set_layers(self, layers: range, k: dict[int, torch.Tensor], v: dict[int, torch.Tensor]) -> None:
+        """Own ``layers`` from now on, with their K/V buffers ``k[layer], v[layer]`` (a pipeline stage's blocks
+        after a rebalance: kept buffers plus those received from other stages, whose caches have the same
+        bookkeeping since every stage commits the same chunks)."""
+        shape = next(iter(self.k.values())).shape
+        for layer in layers:
+            if layer not in k or layer not in v:
+                raise ValueError(f"set_layers needs K and V for every layer of {layers}; layer {layer} is missing")
+            if k[layer].shape != shape or v[layer].shape != shape:
+                raise ValueError(f"layer buffers must be {list(shape)}, got {list(k[layer].shape)} for {layer}")
+        self.layers = layers
+        self.k = {i: k[i] for i in layers}
+        self.v = {i: v[i] for i in layers}
+
     # -- the two writes
 
     def store_current(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -305,11 +305,13 @@ class StreamPipeline:
         width: int = 64,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        num_layers: int = 2,
         **stream_overrides,
     ) -> StreamPipeline:
         """Random weights at a tiny shape: the default until trained weights are given; runs on any CPU.
 
-        Unknown prompt words map to the unknown token (the random model ignores meaning anyway).
+        Unknown prompt words map to the unknown token (the random model ignores meaning anyway). ``num_layers``:
+        transformer blocks (more than two to split the model over more than two pipeline stages).
         """
         words = "a an the and of in on with moving red green blue white black fox cat dog snow desert sea".split()
         tokenizer = build_word_tokenizer(words)
@@ -318,7 +320,9 @@ class StreamPipeline:
         try:
             text_encoder = UMT5EncoderModel(UMT5Config(**presets.tiny_text_encoder_config(len(tokenizer))))
             vae = AutoencoderKLWan(**tiny_vae_config())
-            transformer = WanTransformer3DModel(**presets.tiny_transformer_config(in_channels=vae.config.z_dim))
+            transformer = WanTransformer3DModel(
+                **presets.tiny_transformer_config(in_channels=vae.config.z_dim, num_layers=num_layers)
+            )
         finally:
             torch.random.set_rng_state(gen_state)
         defaults = {

@@ -224,7 +224,20 @@ class StreamSession:
             while end < len(frames) and frames[end] // chunk == frames[start] // chunk:
                 end += 1
             x = latents[:, :, start:end]
-            self._forward(x, 0.0, frames[start])
+            if self._stream_batch is not None:  # the pass a pipeline stage runs, so stages match this bit for bit
+                zero = torch.zeros(1, dtype=torch.float32, device=self.pipe.device)
+                self.net.forward_batch(
+                    x,
+                    zero,
+                    [frames[start]],
+                    self._text,
+                    self.cache,
+                    commit_item=0,
+                    position_mode=self.config.position_mode,
+                    backend=self.config.attention_backend,
+                )
+            else:
+                self._forward(x, 0.0, frames[start])
             self.cache.commit(frames[start], end - start, latents=x)
             start = end
 

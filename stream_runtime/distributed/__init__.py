@@ -1,0 +1,19 @@
+"""One stream over several processes: pipeline stages that each own a contiguous range of transformer blocks and
+their KV cache, with the stream batch circulating through a ring of stages (``torchrun -m
+stream_runtime.distributed.generate``)."""
+
+from .comm import Channel, StageError
+from .partition import balance, even_partition, ranges_from_bounds, stage_times
+from .stage import PipelineStage, RunPlan, switch_forward
+
+__all__ = [
+    "Channel",
+    "PipelineStage",
+    "RunPlan",
+    "StageError",
+    "balance",
+    "even_partition",
+    "ranges_from_bounds",
+    "stage_times",
+    "switch_forward",
+]

@@ -1,0 +1,108 @@
+"""Point-to-point messages between pipeline stages over torch.distributed, every wait bounded by a timeout.
+
+A message is a small JSON header (host metadata: forward index, chunks, prompt switches) plus a list of tensors.
+On the wire::
+
+    sizes  int64 [2]              (header bytes, number of tensors)
+    header uint8 [header bytes]   JSON: {"meta": {...}, "tensors": [[dtype, shape], ...]}
+    tensor 0, tensor 1, ...
+
+Sends are non-blocking (``isend``): a stage posts its output and goes on to receive, so a ring of stages never
+deadlocks on sends. Receives wait at most ``timeout_s``; a peer that died or hangs ends the run with a
+:class:`StageError` naming the rank, instead of a hang. Gloo on CPU, NCCL on GPU (tensors then travel on the
+device; the header too, as NCCL moves device memory only).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+TAG_FORWARD = 1
+"""Activations of one forward (or a prompt switch) from a stage to the next."""
+TAG_RESULT = 2
+"""Latents of one forward from the last stage back to the first (the ring's closing edge)."""
+TAG_LAYERS = 3
+"""K/V of cache layers that change owner in a rebalance."""
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8)}
+
+
+class StageError(RuntimeError):
+    """A pipeline stage could not talk to another one (dead or hung rank, timeout)."""
+
+
+class Channel:
+    """Messages to and from other ranks of the default process group.
+
+    Example::
+
+        ch = Channel(rank=0, device=torch.device("cpu"), timeout_s=60)
+        ch.send(1, {"forward": 3}, [h], tag=TAG_FORWARD)
+        meta, tensors = ch.recv(1, tag=TAG_RESULT, what="the latents of forward 0")
+    """
+
+    def __init__(self, rank: int, device: torch.device, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.rank = rank
+        self.device = device
+        self.timeout = timedelta(seconds=timeout_s)
+        self._pending: list[tuple] = []  # (work, tensors kept alive until the send completes)
+
+    def send(self, dst: int, meta: dict, tensors: list[torch.Tensor], tag: int) -> None:
+        """Post a message to ``dst`` without waiting for it to be received."""
+        tensors = [t.detach().to(self.device).contiguous() for t in tensors]
+        header = json.dumps({"meta": meta, "tensors": [[str(t.dtype), list(t.shape)] for t in tensors]}).encode()
+        head = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device)
+        sizes = torch.tensor([head.numel(), len(tensors)], dtype=torch.int64, device=self.device)
+        parts = [sizes, head, *tensors]
+        works = [dist.isend(t, dst, tag=tag) for t in parts]
+        self._pending.append((works, parts))
+        self._pending = [(w, p) for w, p in self._pending if not all(x.is_completed() for x in w)]
+
+    def recv(self, src: int, tag: int, what: str) -> tuple[dict, list[torch.Tensor]]:
+        """Receive the next message with ``tag`` from ``src``; ``what`` names it in the error if none comes."""
+        sizes = self._recv(torch.empty(2, dtype=torch.int64, device=self.device), src, tag, what)
+        head = self._recv(torch.empty(int(sizes[0]), dtype=torch.uint8, device=self.device), src, tag, what)
+        header = json.loads(bytes(head.cpu().tolist()))
+        tensors = []
+        for dtype, shape in header["tensors"]:
+            buf = torch.empty(shape, dtype=_DTYPES[dtype], device=self.device)
+            tensors.append(self._recv(buf, src, tag, what))
+        if len(tensors) != int(sizes[1]):
+            raise StageError(f"rank {self.rank}: malformed message from rank {src} ({what})")
+        return header["meta"], tensors
+
+    def _recv(self, buf: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
+        try:
+            dist.irecv(buf, src, tag=tag).wait(self.timeout)
+        except RuntimeError as exc:
+            raise StageError(
+                f"rank {self.rank}: waiting for {what} from rank {src} failed (timeout "
+                f"{self.timeout.total_seconds():.0f} s): {exc}. Rank {src} died or hangs; see its log."
+            ) from exc
+        return buf
+
+    def all_gather(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape on all), bounded by the timeout."""
+        tensor = tensor.to(self.device)
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        try:
+            dist.all_gather(out, tensor, async_op=True).wait(self.timeout)
+        except RuntimeError as exc:
+            raise StageError(f"rank {self.rank}: all-gather of {what} failed: {exc}. A rank died or hangs.") from exc
+        return out
+
+    def flush(self) -> None:
+        """Wait (bounded) until every posted send has been received."""
+        for works, _ in self._pending:
+            for work in works:
+                try:
+                    work.wait(self.timeout)
+                except RuntimeError as exc:
+                    raise StageError(f"rank {self.rank}: a send was never received: {exc}") from exc
+        self._pending.clear()

@@ -1,0 +1,173 @@
+"""Offline generation of one stream over N pipeline stages (one process per GPU, or gloo processes on a CPU)::
+
+    torchrun --nproc_per_node=4 -m stream_runtime.distributed.generate --model Wan2.1-T2V-1.3B-Diffusers \\
+        --checkpoint self_forcing_dmd.pt --prompt "a fox running in snow" --seconds 10 --out clip.mp4
+    torchrun --nproc_per_node=2 -m stream_runtime.distributed.generate --prompt "a fox" --seconds 2 --out tiny.mp4
+
+Takes the arguments of ``stream-runtime generate`` plus the stage options below, and writes the same MP4 as
+``stream-runtime generate --stream-batch --stream-batch-stride N`` (N = number of processes) with the same
+arguments: the last stage decodes and writes it. Every wait on another rank is bounded by ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .comm import Channel
+from .stage import PipelineStage, RunPlan, switch_forward
+
+log = logging.getLogger("stream_runtime.distributed")
+
+
+def chunk_frame_counts(num_frames: int, chunk_frames: int, temporal_factor: int) -> list[int]:
+    """Output frames of each chunk until ``num_frames`` are written (the first chunk's first latent frame decodes
+    to one frame, every other latent frame to ``temporal_factor``), the last count cut to fit."""
+    counts, written = [], 0
+    while written < num_frames:
+        n = temporal_factor * chunk_frames - (temporal_factor - 1 if not counts else 0)
+        counts.append(min(n, num_frames - written))
+        written += counts[-1]
+    return counts
+
+
+def plan_switches(switch_frames: list[tuple[int, str]], counts: list[int], lag: int) -> tuple[tuple[int, str], ...]:
+    """(output frame, prompt) switches as (forward, prompt), made where ``stream-runtime generate`` makes them:
+    before the first chunk whose start has reached the switch frame."""
+    out, written, pending = [], 0, sorted(switch_frames)
+    for k, n in enumerate(counts):
+        while pending and pending[0][0] <= written:
+            out.append((switch_forward(k, lag), pending.pop(0)[1]))
+        written += n
+    return tuple(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stream_runtime.apps.cli import add_generate_args
+
+    parser = argparse.ArgumentParser(
+        prog="python -m stream_runtime.distributed.generate", description=__doc__.split("\n")[0]
+    )
+    add_generate_args(parser)
+    g = parser.add_argument_group("pipeline stages")
+    g.add_argument("--bounds", help="inner block boundaries of the stages, e.g. 10,20 for 3 stages (default: even)")
+    g.add_argument(
+        "--rebalance",
+        choices=("off", "auto", "forced"),
+        default="off",
+        help="auto: time the stages after the warm-up and move blocks to shrink the slowest; forced: move to "
+        "--rebalance-to",
+    )
+    g.add_argument("--rebalance-to", dest="rebalance_to", help="block boundaries after a forced rebalance")
+    g.add_argument("--rebalance-at", type=int, dest="rebalance_at", help="forward after which to rebalance")
+    g.add_argument("--measure-forwards", type=int, default=4, dest="measure_forwards", help="forwards timed")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds any wait on another rank may take")
+    g.add_argument("--tiny-layers", type=int, default=2, dest="tiny_layers", help="blocks of the built-in tiny model")
+    return parser
+
+
+def _bounds(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(b) for b in text.split(","))
+
+
+def init_process_group(timeout_s: float) -> tuple[int, int, torch.device]:
+    """Join the torchrun job: NCCL with one GPU per process when CUDA is there, else gloo on the CPU."""
+    if "RANK" not in os.environ:
+        raise ValueError("launch with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR, ...): torchrun -m ...")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s), device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load(args: argparse.Namespace, device: torch.device):
+    from stream_runtime.apps.cli import DTYPES, load_pipeline
+    from stream_runtime.pipelines.wan.pipeline import StreamPipeline
+
+    if args.model is None:
+        pipe = StreamPipeline.tiny_random(
+            device=device, dtype=DTYPES[args.dtype] if args.dtype else torch.float32, num_layers=args.tiny_layers
+        )
+        pipe.set_decoder(args.decoder)
+        return pipe
+    args.device = str(device)
+    return load_pipeline(args)
+
+
+def make_plan(args: argparse.Namespace, pipe, world: int) -> RunPlan:
+    from stream_runtime.apps.cli import _parse_switches, _stream_overrides
+    from stream_runtime.pipelines.wan.stream_batch import passes_of
+
+    if args.seconds <= 0:
+        raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+    overrides = _stream_overrides(args)
+    overrides["stream_batch"] = True
+    overrides.setdefault("stream_batch_stride", world)
+    config = pipe.stream_config("t2v", **overrides)
+    height, width = args.height or pipe.default_resolution[0], args.width or pipe.default_resolution[1]
+    counts = chunk_frame_counts(math.ceil(args.seconds * args.fps), config.chunk_frames, pipe.temporal_factor)
+    lag = (passes_of(config) - 1) * config.stream_batch_stride
+    return RunPlan(
+        prompt=args.prompt,
+        seed=args.seed,
+        num_chunks=len(counts),
+        height=height,
+        width=width,
+        config=config,
+        switches=plan_switches(_parse_switches(args.switch, args.fps), counts, lag),
+        bounds=_bounds(args.bounds),
+        rebalance=args.rebalance,
+        rebalance_to=_bounds(args.rebalance_to),
+        rebalance_at=args.rebalance_at,
+        measure_forwards=args.measure_forwards,
+        timeout_s=args.timeout,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stream_runtime.video_io import VideoWriter
+
+    args = build_parser().parse_args(argv)
+    rank, world, device = init_process_group(args.timeout)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+    try:
+        pipe = load(args, device)
+        plan = make_plan(args, pipe, world)
+        total = math.ceil(args.seconds * args.fps)
+        writer = VideoWriter(args.out, fps=args.fps) if rank == world - 1 else None
+
+        def write(chunk, x0, frames):
+            writer.write(frames[: total - writer.frames_written])
+
+        start = time.perf_counter()
+        stage = PipelineStage(pipe, plan, rank, world, Channel(rank, device, plan.timeout_s), on_chunk=write)
+        log.info("blocks %s of %d, %d chunks", list(stage.layers), pipe.net.num_layers, plan.num_chunks)
+        if writer is not None:
+            with writer:
+                stage.run()
+            elapsed = time.perf_counter() - start
+            print(
+                f"wrote {writer.frames_written} frames to {args.out} over {world} stages in {elapsed:.1f} s "
+                f"({writer.frames_written / elapsed:.1f} frames/s)"
+            )
+        else:
+            stage.run()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""One pipeline stage of a distributed stream: a contiguous range of transformer blocks and their KV cache.
+
+Stages form a ring over the stream-batch schedule (:mod:`stream_runtime.stream_batch`, stride = number of stages,
+so that as many batches circulate as there are stages and every stage is busy)::
+
+    stage 0:   new chunk noise + latents back from the ring -> embed -> blocks [0, b1)  --send-->
+    stage s:   blocks [b_s, b_s+1)                                                      --send-->
+    stage N-1: blocks [.., L) -> head -> x0, re-noise / context-pass input -> VAE decode -> frames
+               `--send latents of forward f back to stage 0 (it needs them for forward f + N)
+
+Every stage rebuilds the per-forward conditioning (timesteps, RoPE, modulation) from host metadata and keeps the
+same cache bookkeeping (each commits the chunk that leaves in each forward), so only activations travel. A prompt
+switch travels through the ring in order as its own message, ahead of the forward it applies to, and carries the
+recache passes when ``prompt_switch='recache'``. Outputs equal a single-process stream-batch session with the same
+config (``stream_batch_stride`` = number of stages): the same passes, in the same batches, on the same cache views.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stream_runtime.cache import CacheLayout, RollingKVCache
+from stream_runtime.config import StreamConfig
+from stream_runtime.pipelines.wan import sampling
+from stream_runtime.pipelines.wan.stream_batch import passes_of
+from stream_runtime.stream_batch import StreamBatchSchedule, pass_noise
+
+from .comm import TAG_FORWARD, TAG_LAYERS, TAG_RESULT, Channel
+from .partition import balance, even_partition, ranges_from_bounds, stage_times
+
+log = logging.getLogger("stream_runtime.distributed")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What every rank knows before the run starts (the same on all ranks)."""
+
+    prompt: str
+    seed: int
+    num_chunks: int
+    height: int
+    width: int
+    config: StreamConfig
+    """A stream-batch config; its stride should equal the number of stages for a busy pipeline."""
+    switches: tuple[tuple[int, str], ...] = ()
+    """(forward, prompt): switch before that forward (see :func:`switch_forward`)."""
+    bounds: tuple[int, ...] | None = None
+    """Inner block boundaries of the stages at the start (None: even split)."""
+    rebalance: str = "off"
+    """``off``; ``auto``: measure stage times after the warm-up and move blocks to shrink the slowest stage;
+    ``forced``: move to ``rebalance_to`` (tests) after ``rebalance_at``."""
+    rebalance_to: tuple[int, ...] | None = None
+    rebalance_at: int | None = None
+    """Forward after which to rebalance (default: the warm-up plus ``measure_forwards``)."""
+    measure_forwards: int = 4
+    """Forwards timed before a rebalance, and again after it for the report."""
+    timeout_s: float = 300.0
+
+
+def switch_forward(chunks_out: int, lag: int) -> int:
+    """The forward a prompt switch acts before when it is made after ``chunks_out`` chunks came out (as a session's
+    ``set_prompt`` between ``next_chunk`` calls): the next forward to run."""
+    return 0 if chunks_out == 0 else chunks_out + lag
+
+
+class PipelineStage:
+    """Rank ``rank`` of ``world`` stages. :meth:`run` runs the whole stream; the last stage hands each finished
+    chunk to ``on_chunk(chunk, x0 [1, C, F, h, w], frames uint8 [T, H, W, 3])``.
+
+    Example::
+
+        stage = PipelineStage(pipe, plan, rank, world, Channel(rank, device, plan.timeout_s), on_chunk=write)
+        stage.run()
+    """
+
+    def __init__(
+        self,
+        pipe,
+        plan: RunPlan,
+        rank: int,
+        world: int,
+        channel: Channel,
+        on_chunk: Callable[[int, torch.Tensor, np.ndarray], None] | None = None,
+    ) -> None:
+        config = plan.config
+        if not config.stream_batch:
+            raise ValueError("a pipeline over stages runs the stream batch: pass a config with stream_batch=True")
+        if config.blend_chunks:
+            raise ValueError("prompt blending is not supported across stages yet: use blend_chunks=0")
+        if plan.rebalance not in ("off", "auto", "forced"):
+            raise ValueError(f"rebalance must be 'off', 'auto' or 'forced', got {plan.rebalance!r}")
+        if plan.rebalance == "forced" and plan.rebalance_to is None:
+            raise ValueError("rebalance='forced' needs rebalance_to (the new block boundaries)")
+        self.pipe, self.net, self.plan, self.config = pipe, pipe.net, plan, config
+        self.rank, self.world, self.channel = rank, world, channel
+        self.first, self.last = rank == 0, rank == world - 1
+        self.on_chunk = on_chunk
+        num_layers = self.net.num_layers
+        self.ranges = (
+            even_partition(num_layers, world)
+            if plan.bounds is None
+            else ranges_from_bounds(list(plan.bounds), num_layers)
+        )
+        if len(self.ranges) != world:
+            raise ValueError(f"bounds give {len(self.ranges)} stages for {world} ranks")
+        self.schedule = StreamBatchSchedule(passes_of(config), config.stream_batch_stride)
+        self.steps = len(config.timesteps)
+        self.sigmas = sampling.sigmas_for(config.timesteps, config.shift)
+        pipe.check_resolution(plan.height, plan.width)
+        factor = pipe.vae.config.scale_factor_spatial
+        self.latent_shape = (pipe.vae.config.z_dim, plan.height // factor, plan.width // factor)
+        self.grid = self.net.grid(*self.latent_shape[1:])
+        layout = CacheLayout(self.grid[0] * self.grid[1], config.sink_frames, config.window_frames, config.chunk_frames)
+        self.cache = RollingKVCache(
+            layout,
+            num_layers,
+            1,
+            self.net.heads,
+            self.net.head_dim,
+            dtype=pipe.dtype,
+            device=pipe.device,
+            layers=self.ranges[rank],
+        )
+        self.embeds = pipe.encode_prompt(plan.prompt)
+        self.text = self.net.text_kv(self.embeds, self.layers)
+        self.switches = dict(plan.switches)
+        self.inputs: dict[int, torch.Tensor] = {}  # first stage: chunk -> latents of its next pass
+        self.kept_latents: dict[int, torch.Tensor] = {}  # first stage: frame -> clean latents [1, C, 1, h, w]
+        self._next_result = 0  # first stage: the next forward whose ring result is due
+        self.decoder = pipe.streaming_decoder() if self.last else None
+        self._pass_inputs: dict[int, torch.Tensor] = {}  # last stage: chunk -> input of its next pass
+        self._timing = False
+        self._block_s = [0.0] * num_layers
+        self._extra_s = 0.0
+        self._timed = 0
+        self.report: dict = {}
+        """Rebalance report (every rank): blocks and stage times (ms per forward) before, predicted, after."""
+        self._place_blocks()
+
+    @property
+    def layers(self) -> range:
+        return self.ranges[self.rank]
+
+    # -- the loop
+
+    @torch.no_grad()
+    def run(self) -> None:
+        """Run every forward of the stream in order."""
+        total = self.schedule.total_forwards(self.plan.num_chunks)
+        rebalance_at, after_at = self._rebalance_forwards()
+        for f in range(total):
+            self._timing = rebalance_at is not None and (
+                rebalance_at - self.plan.measure_forwards < f <= rebalance_at
+                or after_at is not None
+                and rebalance_at < f <= after_at
+            )
+            items = self.schedule.items(f, self.plan.num_chunks)
+            if items:
+                self._forward(f, items)
+                self._timed += self._timing
+            if f == rebalance_at:
+                self._rebalance(f)
+            elif f == after_at:
+                self._report_after()
+        if self.first:  # take the last results too, so that no send of the last stage is left unreceived
+            self._receive_results(total - 1)
+        self.channel.flush()
+
+    def _rebalance_forwards(self) -> tuple[int | None, int | None]:
+        if self.plan.rebalance == "off":
+            return None, None
+        at = self.plan.rebalance_at
+        if at is None:
+            at = self.schedule.warmup_forwards + self.plan.measure_forwards - 1
+        after = at + self.plan.measure_forwards
+        return at, after if after < self.schedule.total_forwards(self.plan.num_chunks) else None
+
+    def _forward(self, f: int, items: list[tuple[int, int]]) -> None:
+        fc = self.config.chunk_frames
+        if self.first:
+            self._switch_first(f)
+            start = time.perf_counter()
+            x = torch.cat([self.inputs.pop(c) if p else self._noise(c, 0) for c, p in items])
+            h = self.net.embed(x)
+            self._extra(start)
+        else:
+            meta, tensors = self.channel.recv(self.rank - 1, TAG_FORWARD, f"forward {f}")
+            while meta.get("kind") == "switch":
+                self._switch_other(meta, tensors)
+                meta, tensors = self.channel.recv(self.rank - 1, TAG_FORWARD, f"forward {f}")
+            if meta["forward"] != f or [tuple(i) for i in meta["items"]] != items:
+                raise RuntimeError(f"rank {self.rank}: expected forward {f} {items}, got {meta}")
+            h = tensors[0]
+        start = time.perf_counter()
+        ts = [self.sigmas[p] * 1000.0 if p < self.steps else 0.0 for _, p in items]
+        timesteps = torch.tensor(ts, dtype=torch.float32, device=self.pipe.device)
+        cond = self.net.batch_conditioning(
+            timesteps, [c * fc for c, _ in items], fc, self.grid, self.cache, self.config.position_mode
+        )
+        self._extra(start)
+        leaving = self.schedule.leaving(f, self.plan.num_chunks)
+        commit_item = len(items) - 1 if leaving is not None else None
+        h = self._blocks(h, cond, commit_item)
+        if leaving is not None:
+            self.cache.commit(leaving * fc, fc)
+        if not self.last:
+            self.channel.send(self.rank + 1, {"forward": f, "items": items}, [h], TAG_FORWARD)
+        else:
+            self._finish(f, items, h, cond, leaving)
+
+    def _blocks(self, h: torch.Tensor, cond, commit_item: int | None) -> torch.Tensor:
+        for layer in self.layers:
+            start = time.perf_counter()
+            h = self.net.run_blocks(
+                h,
+                cond,
+                self.text,
+                self.cache,
+                range(layer, layer + 1),
+                commit_item,
+                backend=self.config.attention_backend,
+            )
+            if self._timing:
+                self._sync()
+                self._block_s[layer] += time.perf_counter() - start
+        return h
+
+    def _finish(self, f: int, items, h: torch.Tensor, cond, leaving: int | None) -> None:
+        """Last stage: head, x0, next inputs back to the first stage, decode of the chunk that left."""
+        start = time.perf_counter()
+        flow = self.net.head(h, cond)
+        # x0 = x - sigma * flow needs each chunk's pass input: the last stage made every one of them itself (as
+        # re-noised or context-pass inputs) except a new chunk's noise, which it draws again.
+        xs = [self._pass_inputs.pop(c) if p else self._noise(c, 0) for c, p in items]
+        chunks, nexts, out = [], [], None
+        for b, (c, p) in enumerate(items):
+            x0 = xs[b] if p == self.steps else sampling.to_x0(xs[b], flow[b : b + 1].float(), self.sigmas[p])
+            if p + 1 < self.steps:
+                nexts.append(sampling.add_noise(x0, self._noise(c, p + 1), self.sigmas[p + 1]))
+                chunks.append(c)
+            elif p + 1 == self.steps and self.config.context_pass:
+                nexts.append(x0)
+                chunks.append(c)
+            if c == leaving:
+                out = x0
+        self._pass_inputs.update(zip(chunks, nexts, strict=True))
+        meta = {"forward": f, "chunks": chunks, "leaving": leaving}
+        tensors = ([torch.cat(nexts)] if nexts else []) + ([out] if out is not None else [])
+        if self.first:
+            self._take_result(meta, tensors)
+        else:
+            self.channel.send(0, meta, tensors, TAG_RESULT)
+        if out is not None:
+            pixels = self.decoder.decode(out.to(self.pipe.decoder_dtype))
+            frames = ((pixels[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+            if self.on_chunk is not None:
+                self.on_chunk(leaving, out, frames.permute(1, 2, 3, 0).cpu().numpy())
+        self._extra(start)
+
+    # -- the ring's closing edge: latents back to the first stage
+
+    def _take_result(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+        chunks, leaving = meta["chunks"], meta["leaving"]
+        if chunks:
+            for c, x in zip(chunks, tensors[0].split(1), strict=True):
+                self.inputs[c] = x
+        if leaving is not None:
+            x0 = tensors[-1]
+            fc = self.config.chunk_frames
+            for i in range(fc):
+                self.kept_latents[leaving * fc + i] = x0[:, :, i : i + 1]
+            kept = set(self.cache.kept_frames())
+            self.kept_latents = {fr: x for fr, x in self.kept_latents.items() if fr in kept}
+        self._next_result = meta["forward"] + 1
+
+    def _receive_results(self, upto: int) -> None:
+        """First stage: take the ring results of every non-empty forward up to ``upto``."""
+        if self.last:  # one stage: results are taken locally
+            return
+        while self._next_result <= upto:
+            g = self._next_result
+            if not self.schedule.items(g, self.plan.num_chunks):
+                self._next_result += 1
+                continue
+            meta, tensors = self.channel.recv(self.world - 1, TAG_RESULT, f"the latents of forward {g}")
+            if meta["forward"] != g:
+                raise RuntimeError(f"rank 0: expected the result of forward {g}, got {meta['forward']}")
+            self._take_result(meta, tensors)
+
+    def _noise(self, chunk: int, pass_index: int) -> torch.Tensor:
+        shape = (1, self.latent_shape[0], self.config.chunk_frames, *self.latent_shape[1:])
+        return pass_noise(self.plan.seed, chunk, pass_index, shape, self.pipe.device)
+
+    # -- prompt switches
+
+    def _switch_first(self, f: int) -> None:
+        """First stage, before forward ``f``: take the results it needs, apply a switch due now and send it on."""
+        prompt = self.switches.get(f)
+        recache = prompt is not None and self.config.prompt_switch == "recache"
+        self._receive_results(f - 1 if recache else f - self.schedule.stride)
+        if prompt is None:
+            return
+        self._set_prompt(prompt)
+        groups, hs = [], []
+        if recache:
+            frames = self.cache.kept_frames()
+            fc = self.config.chunk_frames
+            start = 0
+            while start < len(frames):  # runs of kept frames of one chunk, as StreamSession.recache
+                end = start + 1
+                while end < len(frames) and frames[end] // fc == frames[start] // fc:
+                    end += 1
+                groups.append([frames[start], end - start])
+                x = torch.cat([self.kept_latents[fr] for fr in frames[start:end]], dim=2)
+                hs.append(self.net.embed(x))
+                start = end
+            hs = self._recache(groups, hs)
+        if not self.last:
+            self.channel.send(1, {"kind": "switch", "forward": f, "prompt": prompt, "groups": groups}, hs, TAG_FORWARD)
+
+    def _switch_other(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+        self._set_prompt(meta["prompt"])
+        hs = self._recache(meta["groups"], tensors) if meta["groups"] else []
+        if not self.last:
+            self.channel.send(self.rank + 1, meta, hs, TAG_FORWARD)
+
+    def _set_prompt(self, prompt: str) -> None:
+        self.embeds = self.pipe.encode_prompt(prompt)
+        self.text = self.net.text_kv(self.embeds, self.layers)
+
+    def _recache(self, groups: list, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Re-run the kept frames at t=0 under the new prompt through this stage's blocks (the same passes as
+        :meth:`StreamSession.recache` in stream-batch mode); return the activations for the next stage."""
+        self.cache.reset()
+        out = []
+        zero = torch.zeros(1, dtype=torch.float32, device=self.pipe.device)
+        for (first_frame, n), h in zip(groups, hs, strict=True):
+            cond = self.net.batch_conditioning(zero, [first_frame], n, self.grid, self.cache, self.config.position_mode)
+            out.append(self._blocks(h, cond, 0))
+            self.cache.commit(first_frame, n)
+        return out
+
+    # -- balancing
+
+    def _extra(self, start: float) -> None:
+        if self._timing:
+            self._sync()
+            self._extra_s += time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.pipe.device.type == "cuda":
+            torch.cuda.synchronize(self.pipe.device)
+
+    def _gather_times(self) -> tuple[list[float], list[float]]:
+        """(per-block seconds per forward, per-stage extra seconds per forward), from every rank's timers."""
+        mine = torch.tensor([*self._block_s, self._extra_s], dtype=torch.float64) / max(self._timed, 1)
+        rows = self.channel.all_gather(mine, "stage times")
+        blocks = [float(rows[s][i]) for s, r in enumerate(self.ranges) for i in r]
+        extras = [float(row[-1]) for row in rows]
+        self._block_s = [0.0] * self.net.num_layers
+        self._extra_s = 0.0
+        self._timed = 0
+        return blocks, extras
+
+    def _rebalance(self, f: int) -> None:
+        blocks, extras = self._gather_times()
+        before = stage_times(self.ranges, blocks, extras)
+        if self.plan.rebalance == "forced":
+            new = ranges_from_bounds(list(self.plan.rebalance_to), self.net.num_layers)
+        else:
+            new = balance(blocks, extras)
+        if len(new) != self.world:
+            raise ValueError(f"rebalance_to gives {len(new)} stages for {self.world} ranks")
+        predicted = stage_times(new, blocks, extras)
+        self._move_layers(new)
+        self.report = {
+            "forward": f,
+            "blocks_before": [[r.start, r.stop] for r in self.ranges],
+            "blocks_after": [[r.start, r.stop] for r in new],
+            "ms_before": [1e3 * t for t in before],
+            "ms_predicted": [1e3 * t for t in predicted],
+        }
+        self.ranges = new
+        self.text = self.net.text_kv(self.embeds, self.layers)
+        self._place_blocks()
+        if self.first:
+            log.info(
+                "rebalance after forward %d: blocks %s -> %s; stage ms/forward before %s (slowest %.1f), "
+                "predicted %s (slowest %.1f)",
+                f,
+                self.report["blocks_before"],
+                self.report["blocks_after"],
+                _fmt(self.report["ms_before"]),
+                max(self.report["ms_before"]),
+                _fmt(self.report["ms_predicted"]),
+                max(self.report["ms_predicted"]),
+            )
+
+    def _report_after(self) -> None:
+        blocks, extras = self._gather_times()
+        self.report["ms_after"] = [1e3 * t for t in stage_times(self.ranges, blocks, extras)]
+        if self.first:
+            log.info(
+                "stage ms/forward after the rebalance %s (slowest %.1f; before %.1f)",
+                _fmt(self.report["ms_after"]),
+                max(self.report["ms_after"]),
+                max(self.report["ms_before"]),
+            )
+
+    def _move_layers(self, new: list[range]) -> None:
+        """Send the K/V of blocks this rank loses to their new owners; receive those it gains."""
+        owner_old = {i: s for s, r in enumerate(self.ranges) for i in r}
+        owner_new = {i: s for s, r in enumerate(new) for i in r}
+        k, v = dict(self.cache.k), dict(self.cache.v)
+        for i in self.layers:
+            if owner_new[i] != self.rank:
+                self.channel.send(owner_new[i], {"layer": i}, [k.pop(i), v.pop(i)], TAG_LAYERS)
+        for i in new[self.rank]:
+            if owner_old[i] != self.rank:
+                meta, (ki, vi) = self.channel.recv(owner_old[i], TAG_LAYERS, f"the cache of block {i}")
+                if meta["layer"] != i:
+                    raise RuntimeError(f"rank {self.rank}: expected the cache of block {i}, got {meta['layer']}")
+                k[i], v[i] = ki.to(self.pipe.device), vi.to(self.pipe.device)
+        self.cache.set_layers(new[self.rank], k, v)
+
+    def _place_blocks(self) -> None:
+        """On a GPU keep only this stage's blocks in device memory (the rest wait on the host for a rebalance)."""
+        if self.pipe.device.type != "cuda":
+            return
+        for i, block in enumerate(self.net.wan.blocks):
+            block.to(self.pipe.device if i in self.layers else "cpu")
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.1f}" for v in values) + "]"

@@ -1,0 +1,234 @@
+"""Pipeline stages over gloo processes (CPU, tiny model): the frames equal the single-process stream batch."""
+
+import os
+import pathlib
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import assert_close
+
+from stream_runtime.config import StreamConfig
+from stream_runtime.distributed import (
+    Channel,
+    PipelineStage,
+    RunPlan,
+    StageError,
+    balance,
+    even_partition,
+    ranges_from_bounds,
+    stage_times,
+)
+from stream_runtime.distributed.comm import TAG_RESULT
+from stream_runtime.distributed.generate import chunk_frame_counts, plan_switches
+from stream_runtime.pipelines.wan.pipeline import StreamPipeline
+
+SIZE = 32
+LAYERS = 4
+RUN_TIMEOUT_S = 60.0  # a whole multi-process run; the tiny runs take a few seconds
+STAGE_TIMEOUT_S = 20.0  # any wait of one rank on another
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return StreamPipeline.tiny_random(seed=0, height=SIZE, width=SIZE, num_layers=LAYERS)
+
+
+# -- partitions
+
+
+def test_even_partition_and_bounds():
+    assert even_partition(5, 2) == [range(0, 3), range(3, 5)]
+    assert even_partition(4, 4) == [range(i, i + 1) for i in range(4)]
+    assert ranges_from_bounds([1, 3], 4) == [range(0, 1), range(1, 3), range(3, 4)]
+    with pytest.raises(ValueError, match="every stage owns a block"):
+        ranges_from_bounds([2, 2], 4)
+    with pytest.raises(ValueError, match="stages"):
+        even_partition(2, 3)
+
+
+def test_balance_moves_blocks_off_the_stage_with_extra_work():
+    blocks = [1.0] * 8
+    # The last stage decodes (extra 3): the optimum gives it fewer blocks.
+    ranges = balance(blocks, [0.0, 0.0, 3.0])
+    assert ranges[-1] == range(7, 8)
+    assert max(stage_times(ranges, blocks, [0.0, 0.0, 3.0])) == 4.0
+    # Brute force over every split agrees on the slowest stage's time.
+    costs, extras = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0], [0.5, 0.0, 2.0]
+    best = min(
+        max(stage_times(ranges_from_bounds([a, b], 7), costs, extras)) for a in range(1, 6) for b in range(a + 1, 7)
+    )
+    assert max(stage_times(balance(costs, extras), costs, extras)) == best
+
+
+def test_switch_planning_matches_the_generate_loop():
+    # 2 latent frames per chunk, temporal factor 4: chunks give 5, 8, 8, ... frames.
+    assert chunk_frame_counts(20, 2, 4) == [5, 8, 7]
+    # A switch at frame 6 is made after two chunks are out (5 + 8 >= 6 > 5), before the forward that follows.
+    assert plan_switches([(6, "b")], [5, 8, 7], lag=3) == ((5, "b"),)
+    assert plan_switches([(0, "b")], [5, 8, 7], lag=3) == ((0, "b"),)
+
+
+# -- multi-process runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, fn, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=STAGE_TIMEOUT_S))
+    try:
+        result = fn(rank, world)
+        torch.save({"ok": result}, pathlib.Path(out_dir) / f"rank{rank}.pt")
+    except BaseException as exc:  # reported to the parent, which fails the test with it
+        torch.save(
+            {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}, f"{out_dir}/rank{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world, fn, tmp_path, timeout_s=RUN_TIMEOUT_S):
+    """Run ``fn(rank, world)`` in ``world`` forked gloo processes; return each rank's result (or error dict).
+    Processes still alive at the deadline are killed and the test fails."""
+    ctx = mp.get_context("fork")  # children inherit the loaded model: no re-import, no reload
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
+    assert not hung, f"ranks {hung} still running after {timeout_s} s"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def single_process(pipe, config, num_chunks, switches=()):
+    """Chunks of a single-process stream-batch session: [(x0, frames)]; ``switches``: (chunks out, prompt)."""
+    switches = dict(switches)
+    out = []
+    with pipe.session("a red fox", seed=7, height=SIZE, width=SIZE, config=config) as s:
+        for k in range(num_chunks):
+            if k in switches:
+                s.set_prompt(switches[k])
+            frames = s.next_chunk()
+            out.append((s.cache.kept_latents()[1][:, :, -config.chunk_frames :].clone(), frames))
+    return out
+
+
+def distributed(pipe, config, world, num_chunks, tmp_path, switches=(), **plan):
+    lag = (len(config.timesteps) + int(config.context_pass) - 1) * config.stream_batch_stride
+    forwards = tuple((0 if k == 0 else k + lag, prompt) for k, prompt in switches)
+    plan = RunPlan("a red fox", 7, num_chunks, SIZE, SIZE, config, switches=forwards, timeout_s=STAGE_TIMEOUT_S, **plan)
+
+    def fn(rank, world):
+        chunks = []
+        stage = PipelineStage(
+            pipe,
+            plan,
+            rank,
+            world,
+            Channel(rank, torch.device("cpu"), plan.timeout_s),
+            on_chunk=lambda c, x0, frames: chunks.append((c, x0, frames)),
+        )
+        stage.run()
+        return {"chunks": chunks, "report": stage.report, "layers": list(stage.layers)}
+
+    results = run_ranks(world, fn, tmp_path)
+    for r, res in enumerate(results):
+        assert "ok" in res, f"rank {r}: {res.get('trace')}"
+    return [res["ok"] for res in results]
+
+
+def assert_same_chunks(dist_chunks, reference):
+    assert [c for c, _, _ in dist_chunks] == list(range(len(reference)))
+    for (_, x0, frames), (ref_x0, ref_frames) in zip(dist_chunks, reference, strict=True):
+        assert_close(x0, ref_x0)
+        assert frames.shape == ref_frames.shape
+        # Same batches, same ops: equal to the byte (one level of rounding allowed if fp32 sums reorder).
+        assert abs(frames.astype(int) - ref_frames.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_stages_equal_single_process_with_prompt_switch_and_forced_rebalance(pipe, world, tmp_path):
+    config = StreamConfig(
+        chunk_frames=1,
+        sink_frames=1,
+        window_frames=3,
+        timesteps=(1000, 500),
+        stream_batch=True,
+        stream_batch_stride=world,
+    )
+    num_chunks = 7
+    switches = [(3, "a blue sea")]
+    reference = single_process(pipe, config, num_chunks, switches)
+    # Start unbalanced, then force the blocks to move (with their caches) in the middle of the stream.
+    start, moved = ((1,), (3,)) if world == 2 else ((1, 2), (2, 3))
+    results = distributed(
+        pipe,
+        config,
+        world,
+        num_chunks,
+        tmp_path,
+        switches=switches,
+        bounds=start,
+        rebalance="forced",
+        rebalance_to=moved,
+        rebalance_at=4,
+        measure_forwards=2,
+    )
+    assert_same_chunks(results[-1]["chunks"], reference)
+    assert all(not res["chunks"] for res in results[:-1])
+    report = results[0]["report"]
+    assert report["blocks_after"] == [[r.start, r.stop] for r in ranges_from_bounds(list(moved), LAYERS)]
+    assert len(report["ms_before"]) == world and len(report["ms_after"]) == world
+    assert [res["layers"] for res in results] == [list(r) for r in ranges_from_bounds(list(moved), LAYERS)]
+
+
+def test_stages_equal_single_process_bounded_no_context_pass(pipe, tmp_path):
+    config = StreamConfig(
+        chunk_frames=2,
+        sink_frames=1,
+        window_frames=4,
+        timesteps=(1000, 750, 500),
+        context_pass=False,
+        position_mode="bounded",
+        stream_batch=True,
+        stream_batch_stride=2,
+    )
+    num_chunks = 5
+    switches = [(2, "a green snow")]
+    reference = single_process(pipe, config, num_chunks, switches)
+    results = distributed(
+        pipe, config, 2, num_chunks, tmp_path, switches=switches, rebalance="auto", measure_forwards=2
+    )
+    assert_same_chunks(results[-1]["chunks"], reference)
+
+
+def test_a_dead_rank_ends_the_run_with_a_clear_error(tmp_path):
+    def fn(rank, world):
+        if rank == 1:
+            return "left without a word"
+        channel = Channel(rank, torch.device("cpu"), timeout_s=5.0)
+        try:
+            channel.recv(1, TAG_RESULT, "the latents of forward 0")
+        except StageError as exc:
+            return str(exc)
+        return "no error"
+
+    results = run_ranks(2, fn, tmp_path)
+    message = results[0]["ok"]
+    assert "rank 0: waiting for the latents of forward 0 from rank 1 failed" in message
