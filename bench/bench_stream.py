@@ -12,6 +12,7 @@ Writes JSON and a markdown table to --out.
 
     python bench/bench_stream.py --out bench/results             # GPU
     python bench/bench_stream.py --tiny --out /tmp/bench          # CPU smoke run of the script itself
+    python bench/bench_stream.py --decoder taehv --out bench/results   # TAEHV (random taew2_1-shaped) decoder
 
 The text encoder is a one-layer UMT5 of the real width (4096): prompt encoding is outside the timed region
 (it happens once per prompt), so its depth does not change any figure.
@@ -34,6 +35,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 from stream_runtime.config import text_to_video_config, video_to_video_config
 from stream_runtime.pipelines.wan import presets
 from stream_runtime.pipelines.wan.pipeline import StreamPipeline
+from stream_runtime.pipelines.wan.taehv import TAEHV, TAEHVConfig
 from stream_runtime.pipelines.wan.text import build_word_tokenizer
 from stream_runtime.pipelines.wan.vae_stream import tiny_vae_config
 
@@ -70,7 +72,11 @@ def build(args, device, dtype) -> StreamPipeline:
         enc_cfg.update(num_layers=1, d_ff=256, num_heads=8, d_kv=text_dim // 8)
         text_encoder = UMT5EncoderModel(UMT5Config(**enc_cfg)).to(dtype)
     defaults = {"height": args.height, "width": args.width, "max_text_tokens": 16 if args.tiny else 512}
-    return StreamPipeline(transformer, vae, text_encoder, tok, defaults).to(device)
+    pipe = StreamPipeline(transformer, vae, text_encoder, tok, defaults).to(device)
+    if args.decoder == "taehv":
+        # taew2_1's shape with random weights (decode time does not depend on weight values).
+        pipe.set_decoder(TAEHV(TAEHVConfig(latent_channels=vae.config.z_dim)))
+    return pipe
 
 
 def dit_flops_per_chunk(pipe: StreamPipeline, cfg, height: int, width: int, text_tokens: int) -> float:
@@ -150,6 +156,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--attention", default="sdpa")
+    ap.add_argument("--decoder", choices=["vae", "taehv"], default="vae", help="latent decoder of the sessions")
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, measures nothing real")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -181,10 +188,12 @@ def main() -> None:
         "resolution": [args.height, args.width],
         "dtype": str(dtype),
         "attention": args.attention,
+        "decoder": args.decoder,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"stream_{meta['model']}_{args.attention}_{meta['date']}"
+    decoder = "" if args.decoder == "vae" else f"_{args.decoder}"
+    stem = f"stream_{meta['model']}_{args.attention}{decoder}_{meta['date']}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     cols = [
         "config",
