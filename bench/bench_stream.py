@@ -120,7 +120,7 @@ def run_config(pipe, name, cfg, args, device) -> dict:
     s.profile = True  # per-phase times, with device syncs around each phase
     for _ in range(args.chunks):
         s.next_chunk()
-        dit.append(s.timings["denoise_s"])
+        dit.append(s.timings["denoise_s"] + s.timings.get("context_s", 0.0))  # steps + the deferred context pass
         decode.append(s.timings["decode_s"])
         encode.append(s.timings.get("encode_s", 0.0))
     s.profile = False

@@ -50,6 +50,34 @@ def test_recache_equals_fresh_pass_over_kept_frames(pipe):
     assert_close(got, ref[:, :, -chunk:])
 
 
+@pytest.mark.parametrize("policy", ["keep", "recache"])
+def test_deferred_context_pass_changes_nothing(pipe, policy):
+    """next_chunk decodes a chunk before its context pass (run at the start of the next call); the frames equal
+    running the context pass at once (generate_latents) and decoding after, across a switch, a blend and a
+    config change."""
+
+    def script(session, produce):
+        out = [produce() for _ in range(3)]
+        session.set_prompt("a blue cat")
+        out += [produce() for _ in range(2)]
+        session.set_prompt("a green owl", blend_chunks=2)
+        out += [produce() for _ in range(3)]
+        session.set_config(session.config.replace(timesteps=(1000.0, 500.0)))
+        out += [produce() for _ in range(2)]
+        return out
+
+    kwargs = dict(seed=4, chunk_frames=1, sink_frames=1, window_frames=3, prompt_switch=policy)
+    deferred = pipe.session("a red fox", **kwargs)
+    eager = pipe.session("a red fox", **kwargs)
+
+    def eager_chunk():
+        pixels = eager.decoder.decode(eager.generate_latents())
+        return ((pixels[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+    got, want = script(deferred, deferred.next_chunk), script(eager, eager_chunk)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_prompt_switch_policies(pipe):
     for policy in ("keep", "reset", "recache"):
         s = pipe.session("a red fox", seed=0, chunk_frames=1, sink_frames=1, window_frames=3, prompt_switch=policy)

@@ -105,6 +105,7 @@ class StreamSession:
         self._motion: torch.Tensor | None = None
         self._reuse = CrossStepReuse(config.attention_reuse) if config.attention_reuse else None
         self.frame = 0  # latent frames generated since the last reset (RoPE frame numbers)
+        self._pending_context: tuple[torch.Tensor, int] | None = None  # see _flush_context
         self.chunk_index = 0
         self.output_frames = 0
         self.last_chunk: ChunkInfo | None = None
@@ -147,6 +148,7 @@ class StreamSession:
         (default: the config's ``blend_chunks``). An immediate switch applies ``config.prompt_switch`` to the
         cache (keep / reset / recache); a blend keeps the cache."""
         self._check_open()
+        self._flush_context()
         blend = self.config.blend_chunks if blend_chunks is None else blend_chunks
         if not isinstance(blend, int) or blend < 0:
             raise ValueError(f"blend_chunks must be an integer >= 0, got {blend!r}")
@@ -179,6 +181,7 @@ class StreamSession:
         """Change per-chunk settings (step list, shift, strength, motion control, blending, switch policy,
         attention backend) from the next chunk on. Fields that fix the cache layout must stay as they are."""
         self._check_open()
+        self._flush_context()
         changed = [f for f in self._FIXED_FIELDS if getattr(config, f) != getattr(self.config, f)]
         if changed:
             raise ValueError(f"cannot change {changed} on a live session; open a new session instead")
@@ -215,6 +218,7 @@ class StreamSession:
         """Rebuild the cache under the current prompt: re-run the kept frames at t=0, chunk by chunk in stream
         order (LongLive's recache). Positions of kept frames are unchanged."""
         self._check_open()
+        self._flush_context()
         frames, latents = self.cache.kept_latents()
         self.cache.reset()
         chunk = self.config.chunk_frames
@@ -310,6 +314,12 @@ class StreamSession:
         """Denoise the next chunk and keep it in the cache; return its clean latents ``[1, C, F, h, w]`` (on the
         device, nothing decoded), or None when a video-to-video session lacks input frames. With ``stream_batch``
         this runs forwards until the next chunk leaves the batch (the first call warms the pipeline up)."""
+        x0 = self._generate_latents()
+        self._flush_context()
+        return x0
+
+    def _generate_latents(self) -> torch.Tensor | None:
+        """:meth:`generate_latents` with the chunk's context pass left pending (see :meth:`_flush_context`)."""
         self._check_open()
         f = self.config.chunk_frames
         if self._stream_batch is not None:
@@ -318,6 +328,7 @@ class StreamSession:
             self.frame = (chunk + 1) * f
             self.chunk_index = chunk + 1
             return x0
+        self._flush_context()
         self._advance_blend()
         if self.mode == "v2v":
             start = self._v2v_start()
@@ -328,21 +339,40 @@ class StreamSession:
             x, sigmas = self._randn((1, self.latent_shape[0], f, *self.latent_shape[1:])), self._sigmas
         with self._phase("denoise_s"):
             x0 = self._denoise(x, sigmas)
-        self.cache.commit(self.frame, f, latents=x0)
+        self._pending_context = (x0, self.frame)
         self.frame += f
         self.chunk_index += 1
         return x0
 
     def _denoise(self, x: torch.Tensor, sigmas: list) -> torch.Tensor:
-        """The step loop and the context pass of one chunk; returns the clean latents."""
+        """The step loop of one chunk; returns the clean latents (the context pass is :meth:`_flush_context`)."""
         for i, sigma in enumerate(sigmas):
             flow = self._forward(x, sigma * 1000.0, self.frame, step=i)
             x0 = sampling.to_x0(x, flow.float(), sigma)
             if i + 1 < len(sigmas):
                 x = sampling.add_noise(x0, self._randn(x0.shape), sigmas[i + 1])
-        if self.config.context_pass:
-            self._forward(x0, 0.0, self.frame)
         return x0
+
+    @torch.no_grad()
+    def _flush_context(self) -> None:
+        """Run the last chunk's clean context pass (when the config has one) and commit it to the cache.
+
+        :meth:`next_chunk` defers it from the chunk's own call to the start of whatever touches the cache or the
+        prompt next (the next chunk, a prompt switch, a config change, a recache), so a chunk's frames are
+        decoded and handed out one pass earlier: the first frame comes sooner and each chunk's latency drops by
+        one pass. :meth:`generate_latents` runs it before returning, so the cache holds the chunk.
+        The passes and their order relative to the cache are the same as running it at once, so the output is
+        identical (``tests/test_pipeline.py`` checks it). With ``profile``, ``timings['context_s']`` is the
+        deferred pass that ran at the start of the chunk's call (the previous chunk's).
+        """
+        if self._pending_context is None:
+            return
+        x0, first_frame = self._pending_context
+        self._pending_context = None
+        with self._phase("context_s"):
+            if self.config.context_pass:
+                self._forward(x0, 0.0, first_frame)
+        self.cache.commit(first_frame, x0.shape[2], latents=x0)
 
     @contextlib.contextmanager
     def _phase(self, name: str):
@@ -360,7 +390,7 @@ class StreamSession:
     def next_chunk(self) -> np.ndarray | None:
         """Generate and decode the next chunk: uint8 ``[T, H, W, 3]``, or None (video-to-video without input)."""
         start = time.perf_counter()
-        x0 = self.generate_latents()
+        x0 = self._generate_latents()  # the context pass runs at the start of the next call, after this decode
         if x0 is None:
             return None
         with self._phase("decode_s"):
