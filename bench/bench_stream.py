@@ -157,6 +157,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--attention", default="sdpa")
     ap.add_argument("--decoder", choices=["vae", "taehv"], default="vae", help="latent decoder of the sessions")
+    ap.add_argument(
+        "--stream-batch", action="store_true", help="t2v with stream batch (passes of successive chunks in one forward)"
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, measures nothing real")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -168,9 +171,11 @@ def main() -> None:
     pipe = build(args, device, dtype)
     base = {"attention_backend": args.attention}
     configs = {
-        "t2v": text_to_video_config(**base),
+        "t2v": text_to_video_config(**base, stream_batch=args.stream_batch),
         "v2v": video_to_video_config(**base),
     }
+    if args.stream_batch and "v2v" in args.configs.split(","):
+        ap.error("--stream-batch is text-to-video only: add --configs t2v")
     matmul = matmul_tflops(device, dtype, 256 if args.tiny else 8192)
     rows = []
     for name in args.configs.split(","):
@@ -189,11 +194,13 @@ def main() -> None:
         "dtype": str(dtype),
         "attention": args.attention,
         "decoder": args.decoder,
+        "stream_batch": args.stream_batch,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     decoder = "" if args.decoder == "vae" else f"_{args.decoder}"
-    stem = f"stream_{meta['model']}_{args.attention}{decoder}_{meta['date']}"
+    batch = "_streambatch" if args.stream_batch else ""
+    stem = f"stream_{meta['model']}_{args.attention}{decoder}{batch}_{meta['date']}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     cols = [
         "config",

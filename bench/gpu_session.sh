@@ -1,15 +1,41 @@
 #!/usr/bin/env bash
-# One batched GPU-machine session: install carried wheels, run the GPU tests, our benchmark and the peer's.
-# Usage on the device machine (repo root, wheels + peer_sdv2.py in .whl/): bash bench/gpu_session.sh OUTDIR
+# One batched GPU-machine session: install carried wheels, then the parts asked for (default: all, in this order).
+# Usage on the device machine (repo root, wheels + peer_sdv2.py in .whl/):
+#   bash bench/gpu_session.sh OUTDIR [tests] [stream] [batch] [taehv] [decoder] [attention] [14b] [peer]
+#   tests      GPU tests (bf16 streaming vs reference, Triton kernels, attention backends)
+#   stream     bench_stream.py 1.3B t2v + v2v with sdpa and sdpa_cudnn
+#   batch      bench_stream.py 1.3B t2v with --stream-batch (sdpa_cudnn)
+#   taehv      bench_stream.py 1.3B t2v with the TAEHV decoder (random weights of the taew2_1 shape)
+#   decoder    bench_latent_decoder.py: Wan VAE vs TAEHV per latent frame at 480x832
+#   attention  bench_attention.py: kernels beside SDPA flash/cuDNN at the 1.3B and 14B shapes
+#   14b        bench_stream.py 14B t2v + v2v (sdpa_cudnn, fewer chunks)
+#   peer       the peer (StreamDiffusionV2 from PyPI) in the same session, for ratios
 set -u
 out=${1:-bench/results}
+shift || true
+parts=${*:-tests stream batch taehv decoder attention 14b peer}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl 2>&1 | tail -2
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -2
 python3 -c "import torch, triton, diffusers, transformers; print(torch.__version__, triton.__version__, diffusers.__version__, transformers.__version__, torch.cuda.get_device_name())"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels_block_sparse.py tests/test_attention_backends.py 2>&1 | tail -15
-for attn in sdpa sdpa_cudnn; do
-  timeout 200 python3 bench/bench_stream.py --attention $attn --chunks 8 --out "$out" 2>&1 | tail -6
+for part in $parts; do
+  echo "== $part"
+  case $part in
+  tests) timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels_block_sparse.py \
+           tests/test_attention_backends.py 2>&1 | tail -15 ;;
+  stream) for attn in sdpa sdpa_cudnn; do
+            timeout 200 python3 bench/bench_stream.py --attention $attn --chunks 8 --out "$out" 2>&1 | tail -4
+          done ;;
+  batch) timeout 150 python3 bench/bench_stream.py --attention sdpa_cudnn --configs t2v --stream-batch --chunks 8 \
+           --out "$out" 2>&1 | tail -3 ;;
+  taehv) timeout 150 python3 bench/bench_stream.py --attention sdpa_cudnn --configs t2v --decoder taehv --chunks 8 \
+           --out "$out" 2>&1 | tail -3 ;;
+  decoder) timeout 150 python3 bench/bench_latent_decoder.py --out "$out" 2>&1 | tail -6 ;;
+  attention) timeout 200 python3 bench/bench_attention.py --out "$out" 2>&1 | tail -12 ;;
+  14b) timeout 300 python3 bench/bench_stream.py --model 14b --attention sdpa_cudnn --chunks 4 --warmup 2 \
+         --out "$out" 2>&1 | tail -4 ;;
+  peer) [ -f .whl/peer_sdv2.py ] && timeout 200 python3 .whl/peer_sdv2.py --out "$out/peer_sdv2.jsonl" 2>&1 | tail -12 ;;
+  *) echo "unknown part: $part" >&2 ;;
+  esac
 done
-[ -f .whl/peer_sdv2.py ] && timeout 200 python3 .whl/peer_sdv2.py --out "$out/peer_sdv2.jsonl" 2>&1 | tail -12
