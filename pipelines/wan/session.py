@@ -185,13 +185,62 @@ class StreamSession:
         changed = [f for f in self._FIXED_FIELDS if getattr(config, f) != getattr(self.config, f)]
         if changed:
             raise ValueError(f"cannot change {changed} on a live session; open a new session instead")
-        if config.stream_batch and passes_of(config) != passes_of(self.config):
+        if self._stream_batch is not None and passes_of(config) != passes_of(self.config):
             raise ValueError(
                 "a stream-batch session cannot change its number of passes (len(timesteps) + context_pass) while "
                 "chunks are in flight; keep the step count and context_pass, or open a new session"
             )
         self.config = config
         self._sigmas = sampling.sigmas_for(config.timesteps, config.shift)
+
+    @property
+    def stream_batching(self) -> bool:
+        """True while new chunks enter a stream batch (False when sequential or draining)."""
+        return self._stream_batch is not None and not self._stream_batch.draining
+
+    @property
+    def chunks_in_flight(self) -> int:
+        """Chunks inside the stream batch (entered, not yet out); 0 when sequential."""
+        return 0 if self._stream_batch is None else self._stream_batch.in_flight
+
+    def set_stream_batch(self, enabled: bool) -> None:
+        """Switch between sequential and stream-batch denoising from the next chunk on (a scheduler's choice).
+
+        On: a stream batch starts at the next chunk (its first output comes after a warm-up of ``passes``
+        forwards). Off: no new chunk enters the batch; the next calls drain the chunks in flight, one per forward,
+        and the session then goes on sequentially. Turning it on again while a drain is under way is refused (the
+        schedule admits chunks by forward index). Text-to-video only, as ``StreamConfig.stream_batch``.
+        """
+        self._check_open()
+        runner = self._stream_batch
+        if not enabled:
+            if runner is not None:
+                runner.drain()
+                self._end_drained_batch()
+            return
+        if runner is not None:
+            if runner.draining:
+                raise ValueError(
+                    f"a drain of the stream batch is under way ({runner.in_flight} chunks in flight); "
+                    "let those chunks come out before turning stream_batch on again"
+                )
+            return
+        config = self.config.replace(stream_batch=True, stream_batch_stride=1)  # validates reuse / reset
+        if self.mode != "t2v":
+            raise ValueError("stream_batch supports text-to-video only (mode='t2v'); this session is 'v2v'")
+        if self.frame != self.chunk_index * config.chunk_frames:
+            raise ValueError(
+                f"stream_batch numbers frames by chunk; this stream's frame count ({self.frame}) was reset, "
+                f"which only prompt_switch='reset' does (and stream_batch does not support it)"
+            )
+        self._flush_context()  # the last sequential chunk's context pass goes into the cache the batch reads
+        self.config = config
+        self._stream_batch = StreamBatchRunner(self, first_chunk=self.chunk_index)
+
+    def _end_drained_batch(self) -> None:
+        if self._stream_batch is not None and self._stream_batch.finished:  # later chunks run sequentially
+            self._stream_batch = None
+            self.config = self.config.replace(stream_batch=False)
 
     def push_frames(self, frames: np.ndarray | torch.Tensor) -> None:
         """Buffer input frames for video-to-video: uint8 ``[T, H, W, 3]`` (RGB) at the session's resolution."""
@@ -327,6 +376,7 @@ class StreamSession:
                 chunk, x0 = self._stream_batch.next_latents()
             self.frame = (chunk + 1) * f
             self.chunk_index = chunk + 1
+            self._end_drained_batch()
             return x0
         self._flush_context()
         self._advance_blend()

@@ -29,20 +29,47 @@ class StreamBatchRunner:
     Holds the latents of every chunk in flight between forwards; the session's cache, prompt (text K/V) and
     blend are used as they stand at each forward, so live controls act between two forwards.
 
+    A runner may start at a later chunk (``first_chunk``: the session ran its earlier chunks sequentially, and the
+    cache holds them) and may be drained (:meth:`drain`: no new chunk enters; the chunks in flight leave one per
+    forward), which is how a session switches between the two schedules between chunks.
+
     Example::
 
         runner = StreamBatchRunner(session)
         chunk, x0 = runner.next_latents()      # runs forwards until a chunk leaves: [1, C, F, h, w]
     """
 
-    def __init__(self, session) -> None:
+    def __init__(self, session, first_chunk: int = 0) -> None:
         self.session = session
         config = session.config
         self.schedule = StreamBatchSchedule(passes_of(config), config.stream_batch_stride)
+        self.first_chunk = first_chunk
+        """Stream index of the runner's chunk 0 (the schedule counts chunks from the runner's start)."""
         self.forward_index = 0
         """Forwards run so far."""
         self.inputs: dict[int, torch.Tensor] = {}
-        """Chunk -> latents ``[1, C, F, h, w]`` for its next pass."""
+        """Chunk (stream index) -> latents ``[1, C, F, h, w]`` for its next pass."""
+        self.admitted: int | None = None
+        """None: new chunks enter every forward. Else draining: only the runner's first ``admitted`` chunks run."""
+
+    @property
+    def in_flight(self) -> int:
+        """Chunks that entered and have not left (their latents wait for their next pass)."""
+        return len(self.inputs)
+
+    @property
+    def draining(self) -> bool:
+        return self.admitted is not None
+
+    @property
+    def finished(self) -> bool:
+        """Drained: every admitted chunk has left."""
+        return self.draining and not self.inputs
+
+    def drain(self) -> None:
+        """Let no new chunk enter from the next forward on; the chunks in flight leave one per forward."""
+        if self.admitted is None:
+            self.admitted = self.forward_index  # chunk f enters at forward f: forwards so far = chunks admitted
 
     def _start(self, chunk: int) -> torch.Tensor:
         s = self.session
@@ -52,10 +79,14 @@ class StreamBatchRunner:
     def step(self) -> tuple[int, torch.Tensor] | None:
         """Run one forward; return ``(chunk, clean latents)`` of the chunk that left in it, or None (warm-up)."""
         s, config = self.session, self.session.config
+        if self.finished:
+            raise ValueError("this stream batch is drained; the session continues sequentially")
         s._advance_blend()
         f = self.forward_index
-        items = self.schedule.items(f)
-        leaving = self.schedule.leaving(f)
+        base = self.first_chunk
+        items = [(base + c, p) for c, p in self.schedule.items(f, self.admitted)]
+        local_leaving = self.schedule.leaving(f, self.admitted)
+        leaving = None if local_leaving is None else base + local_leaving
         steps = len(config.timesteps)
         sigmas = s._sigmas
         xs, ts = [], []

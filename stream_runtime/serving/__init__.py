@@ -2,6 +2,8 @@
 ``stream-runtime/1`` (docs/protocol.md), and a Python client.
 
 - :mod:`.engine`: ``Engine`` (synchronous loop in one thread, round-robin at chunk granularity, admission).
+- :mod:`.scheduler`, :mod:`.cost_model`, :mod:`.slo`: the SLO-aware scheduler (``EngineConfig(scheduler="slo")``):
+  per-session targets, measured costs, sequential or stream-batch denoising per chunk, violation reports.
 - :mod:`.api`: its public types: ``EngineConfig``, ``SessionRequest``, ``SessionUpdate``, ``EngineBusy``.
 - :mod:`.outbox`: the per-client single-slot handoff (a slow client gets the newest chunk; drops are counted).
 - :mod:`.metrics`: TTFF, FPS, jitter, latency percentiles, drops; Prometheus text.
@@ -22,6 +24,7 @@ from stream_runtime.serving.engine import (
     EngineStopped,
     SessionRequest,
     SessionUpdate,
+    SLOInfeasible,
 )
 from stream_runtime.serving.limits import ClientLimits
 from stream_runtime.serving.outbox import ChunkOutput, Event, Outbox
@@ -39,6 +42,7 @@ __all__ = [
     "Outbox",
     "SessionRequest",
     "SessionUpdate",
+    "SLOInfeasible",
     "build_app",
     "serve",
 ]

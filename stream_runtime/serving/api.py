@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stream_runtime.serving.scheduler import POLICIES, SLOConfig
+
 MODES = ("t2v", "v2v")
 MAX_SEED = 2**63 - 1
 """Largest seed (a signed 64-bit integer, what every torch generator accepts)."""
@@ -34,8 +36,16 @@ class EngineConfig:
     input_buffer_chunks: int = 4
     """Video-to-video: input frames buffered per session, in chunks' worth; beyond it the oldest are dropped (a
     live source that outruns the model keeps its newest frames)."""
+    scheduler: str = "round_robin"
+    """``round_robin``: every runnable session gets one chunk per round. ``slo``: the SLO-aware scheduler
+    (:mod:`stream_runtime.serving.scheduler`) orders sessions by their targets, chooses sequential or stream-batch
+    denoising per chunk, refuses sessions whose targets are infeasible and reports violations."""
+    slo: SLOConfig = SLOConfig()
+    """Settings of the ``slo`` scheduler (ignored by ``round_robin``)."""
 
     def __post_init__(self) -> None:
+        if self.scheduler not in POLICIES:
+            raise ValueError(f"scheduler must be one of {POLICIES}, got {self.scheduler!r}")
         if not isinstance(self.max_sessions, int) or self.max_sessions < 1:
             raise ValueError(f"max_sessions must be an integer >= 1, got {self.max_sessions!r}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
@@ -75,6 +85,11 @@ class SessionRequest:
     """Default prompt-blend length of later prompt switches."""
     motion_aware: bool | None = None
     """Video-to-video: follow the input's motion with the strength."""
+    slo_ttff_s: float | None = None
+    """SLO scheduler: target time to first frame in seconds (None: ``EngineConfig.slo.default_ttff_s``)."""
+    slo_fps: float | None = None
+    """SLO scheduler: frame rate the session must keep up with; each chunk of ``F`` frames is due ``F / slo_fps``
+    seconds after the previous one (None: ``EngineConfig.slo.default_fps``)."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,12 @@ class EngineBusy(RuntimeError):
     """The engine cannot admit another session now (session count or memory budget); try again later."""
 
     code = "busy"
+
+
+class SLOInfeasible(EngineBusy):
+    """The SLO scheduler cannot meet the session's targets under the current load; the message says why."""
+
+    code = "slo_infeasible"
 
 
 class EngineStopped(RuntimeError):

@@ -19,6 +19,11 @@ Admission is decided synchronously in :meth:`Engine.open` (an :class:`EngineBusy
 maximum number of sessions and a memory budget against each session's KV-cache bytes (estimated from its config
 before it exists, then the cache's ``memory_bytes()``).
 
+With ``EngineConfig.scheduler = "slo"`` an :class:`~stream_runtime.serving.slo.SLOController` replaces the
+round-robin pick: sessions go by their targets (time to first frame, frame rate), each chunk runs sequential or
+stream-batch denoising as the scheduler decides, admission also refuses infeasible targets
+(:class:`SLOInfeasible`), and violations go to the client as ``slo_violation`` events and to the metrics.
+
 Example::
 
     engine = Engine(StreamPipeline.tiny_random(), EngineConfig(max_sessions=2)).start()
@@ -55,14 +60,25 @@ from stream_runtime.serving.api import (
     EngineStopped,
     SessionRequest,
     SessionUpdate,
+    SLOInfeasible,
     timesteps_for_steps,
 )
 from stream_runtime.serving.metrics import Metrics, prometheus_text
 from stream_runtime.serving.outbox import ChunkOutput, Event, Outbox, outbox_stats
+from stream_runtime.serving.scheduler import SLOTargets
+from stream_runtime.serving.slo import SLOController
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineBusy", "EngineConfig", "EngineStopped", "SessionRequest", "SessionUpdate"]
+__all__ = [
+    "Engine",
+    "EngineBusy",
+    "EngineConfig",
+    "EngineStopped",
+    "SessionRequest",
+    "SessionUpdate",
+    "SLOInfeasible",
+]
 
 
 # -- commands on the inbox (client threads -> engine thread)
@@ -138,6 +154,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._shut_down = False
+        self._slo = SLOController(pipe, self.config.slo, clock) if self.config.scheduler == "slo" else None
         self.failure: BaseException | None = None
         """The exception that ended the engine loop, if one did (a bug, not a session failure)."""
 
@@ -157,6 +174,8 @@ class Engine:
         if self._stopping:
             raise EngineStopped("this engine was stopped; create a new one")
         if self._thread is None:
+            if self._slo is not None and self.config.slo.calibrate and self._slo.calibration is None:
+                self._slo.calibrate()  # before the thread: the first admissions have measured costs to go by
             self._thread = threading.Thread(target=self._run, name="stream-runtime-engine", daemon=True)
             self._thread.start()
         return self
@@ -214,6 +233,11 @@ class Engine:
             overrides["blend_chunks"] = request.blend_chunks
         if request.motion_aware is not None:
             overrides["motion_aware"] = bool(request.motion_aware)
+        for name in ("slo_ttff_s", "slo_fps"):
+            try:
+                SLOTargets(**{name[4:]: getattr(request, name)})
+            except ValueError:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(request, name)!r}") from None
         return self.pipe.stream_config(request.mode, **overrides), height, width
 
     def _step_overrides(self, mode: str, steps: int | None, timesteps: tuple[float, ...] | None) -> dict:
@@ -251,6 +275,7 @@ class Engine:
         """
         config, height, width = self.resolve(request)
         need = self.estimate_bytes(config, height, width)
+        spec = None if self._slo is None else self._slo.spec(request, config, height, width)
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is stopped and accepts no sessions")
@@ -263,9 +288,12 @@ class Engine:
                     f"the session needs {need / 2**20:.1f} MiB and {reserved / 2**20:.1f} of the "
                     f"{self.memory_budget / 2**20:.1f} MiB memory budget are reserved by open sessions"
                 )
-            if busy is None:
+            infeasible = None if busy is not None or spec is None else self._slo.admit(spec, self._clock())
+            if busy is None and infeasible is None:
                 sid = next(self._ids)
                 self._reserved[sid] = need
+                if spec is not None:
+                    self._slo.add(sid, spec, self._clock())
                 self._metrics.session_opened(sid, request.mode, self._clock())
                 # Enqueued under the lock: either before a stop is requested, or not at all (EngineStopped
                 # above), so every admitted open is answered, by the loop or by the shutdown's drain.
@@ -273,6 +301,10 @@ class Engine:
         if busy is not None:
             self._metrics.session_rejected()
             raise EngineBusy(f"busy: {busy}; try again later or ask for a smaller resolution")
+        if infeasible is not None:
+            self._metrics.session_rejected()
+            self._metrics.slo_rejected()
+            raise SLOInfeasible(infeasible)
         return sid
 
     def update(self, sid: int, update: SessionUpdate) -> None:
@@ -336,6 +368,7 @@ class Engine:
             outboxes = list(self._outboxes)
         snap["outboxes"] = outbox_stats(outboxes)  # outside the engine lock: each outbox takes its own
         snap["engine_alive"] = self.alive
+        snap["scheduler"] = {"policy": "round_robin"} if self._slo is None else self._slo.snapshot()
         return snap
 
     def prometheus(self) -> str:
@@ -422,7 +455,11 @@ class Engine:
         live = _Live(cmd.sid, req, session, cmd.outbox)
         self._sessions[cmd.sid] = live
         self._order.append(cmd.sid)
-        cmd.outbox.put_event(Event("opened", cmd.sid, self._describe(live, actual)))
+        described = self._describe(live, actual)
+        if self._slo is not None:
+            described.update(self._slo.describe(cmd.sid))
+            self._slo.scheduler.sync(cmd.sid, "batch" if session.stream_batching else "sequential", 0)
+        cmd.outbox.put_event(Event("opened", cmd.sid, described))
 
     def _describe(self, live: _Live, memory_bytes: int) -> dict:
         from stream_runtime.pipelines.wan.pipeline import config_to_json
@@ -510,6 +547,10 @@ class Engine:
         chunk. A session whose chunk still waits in its outbox (a slow client) runs only when no other one can: its
         next chunk would replace the unsent one, so it gets the time nobody else needs, and slow clients cost fast
         ones almost nothing. The picked session and those before it move to the back of the line."""
+        if self._slo is not None:
+            live, violations = self._slo.pick(self._sessions, self._runnable)
+            self._report(violations)
+            return live
         backlogged = None
         for i, sid in enumerate(self._order):
             live = self._sessions[sid]
@@ -536,13 +577,19 @@ class Engine:
         result: dict = {}
 
         def run() -> None:
+            if self._slo is not None:
+                self._slo.before(live.sid, session)
             if oldest_input is not None:
                 session.push_frames(frames_in)
             result["frames"] = session.next_chunk()
 
-        if not self._guarded(live, run) or result["frames"] is None:
+        if not self._guarded(live, run):
             return
         finished = self._clock()
+        if self._slo is not None:
+            self._report(self._slo.after(live.sid, session, finished - started, result["frames"] is not None))
+        if result["frames"] is None:
+            return
         step, self._steps = self._steps, self._steps + 1
         info = session.last_chunk
         chunk = ChunkOutput(
@@ -564,6 +611,14 @@ class Engine:
             live.outbox.discard(chunk)
             return
         live.outbox.put_chunk(chunk)
+
+    def _report(self, violations: list) -> None:
+        """SLO violations to their sessions' clients (``slo_violation`` events) and to the metrics."""
+        for v in violations:
+            live = self._sessions.get(v.session)
+            self._metrics.slo_violation(v.session, v.target, v.reason)
+            if live is not None:
+                live.outbox.put_event(Event("slo_violation", v.session, v.to_json()))
 
     def _guarded(self, live: _Live, fn: Callable[[], None]) -> bool:
         """Run model work of one session; a failure ends that session only. True if it succeeded."""
@@ -600,6 +655,8 @@ class Engine:
         with self._lock:
             self._reserved.pop(sid, None)
             self._aborts.discard(sid)
+        if self._slo is not None:
+            self._slo.remove(sid)
         self._metrics.session_closed(sid, failed)
         outbox.put_event(Event("closed", sid, data))
 

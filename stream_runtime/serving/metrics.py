@@ -54,6 +54,7 @@ class _SessionStats:
     dropped_chunks: int = 0
     dropped_frames: int = 0
     dropped_input_frames: int = 0
+    slo_violations: int = 0
     paused: bool = False
     deliveries: deque = field(default_factory=lambda: deque(maxlen=32))
     """(time taken, frames) of the most recent delivered chunks."""
@@ -98,7 +99,10 @@ class Metrics:
             "chunks_dropped": 0,
             "frames_dropped": 0,
             "input_frames_dropped": 0,
+            "sessions_rejected_slo": 0,
         }
+        self.slo_violations: dict[tuple[str, str], int] = {}
+        """(target, reason) -> count of SLO violations reported (see :mod:`stream_runtime.serving.scheduler`)."""
         self.summaries = {
             name: _Summary(window) for name in ("chunk_latency_s", "queue_wait_s", "end_to_end_s", "ttff_s")
         }
@@ -111,6 +115,18 @@ class Metrics:
     def session_rejected(self) -> None:
         with self._lock:
             self.counters["sessions_rejected"] += 1
+
+    def slo_rejected(self) -> None:
+        """A session refused because its SLO targets were infeasible (also counted in ``sessions_rejected``)."""
+        with self._lock:
+            self.counters["sessions_rejected_slo"] += 1
+
+    def slo_violation(self, sid: int, target: str, reason: str) -> None:
+        with self._lock:
+            key = (target, reason)
+            self.slo_violations[key] = self.slo_violations.get(key, 0) + 1
+            if sid in self._sessions:
+                self._sessions[sid].slo_violations += 1
 
     def session_closed(self, sid: int, failed: bool = False) -> None:
         with self._lock:
@@ -178,12 +194,17 @@ class Metrics:
                     "dropped_chunks": s.dropped_chunks,
                     "dropped_frames": s.dropped_frames,
                     "dropped_input_frames": s.dropped_input_frames,
+                    "slo_violations": s.slo_violations,
                     "paused": s.paused,
                 }
             return {
                 "sessions_active": len(self._sessions),
                 **self.counters,
                 "latency": {name: summary.snapshot() for name, summary in self.summaries.items()},
+                "slo_violations": [
+                    {"target": target, "reason": reason, "count": n}
+                    for (target, reason), n in sorted(self.slo_violations.items())
+                ],
                 "sessions": sessions,
             }
 
@@ -197,6 +218,7 @@ _COUNTER_HELP = {
     "chunks_dropped": "Chunks never sent: replaced in a slow client's outbox, or finished after their session closed.",
     "frames_dropped": "Frames of dropped chunks.",
     "input_frames_dropped": "Video-to-video input frames discarded because the input buffer was full.",
+    "sessions_rejected_slo": "Sessions refused because their SLO targets were infeasible under the load.",
 }
 _SUMMARY_HELP = {
     "chunk_latency_s": ("chunk_latency_seconds", "Generation time of a chunk (denoise + decode + copy to host)."),
@@ -210,6 +232,7 @@ _SESSION_GAUGES = (
     ("ttff_s", "session_time_to_first_frame_seconds", "Time to first frame of the session."),
     ("dropped_chunks", "session_dropped_chunks", "Chunks dropped for this session's client."),
     ("frames_delivered", "session_frames_delivered", "Frames handed to this session's client."),
+    ("slo_violations", "session_slo_violations", "SLO targets of this session reported infeasible or missed."),
 )
 
 _OUTBOX_GAUGES = (
@@ -251,6 +274,15 @@ def prometheus_text(snapshot: dict, memory: dict | None = None, outboxes: dict |
         samples = [(f'{{quantile="{q}"}}', s[f"p{round(q * 100)}"]) for q in QUANTILES]
         samples += [("_sum", s["sum"]), ("_count", s["count"])]
         metric(name, "summary", help_text, samples)
+    violations = [
+        (f'{{target="{v["target"]}",reason="{v["reason"]}"}}', v["count"]) for v in snapshot["slo_violations"]
+    ]
+    metric(
+        "slo_violations_total",
+        "counter",
+        "SLO targets reported: infeasible (predicted before the chunk ran) or missed (measured).",
+        violations,
+    )
     if memory is not None:
         budget = memory.get("budget_bytes")
         metric("memory_budget_bytes", "gauge", "Admission memory budget (NaN: unlimited).", [("", budget)])

@@ -42,10 +42,13 @@ MAX_PROMPT_CHARS = 2000
 
 CLIENT_TYPES = ("open", "update", "pause", "resume", "close")
 _UPDATE_FIELDS = ("prompt", "blend_chunks", "steps", "timesteps", "strength")
+SLO_FIELDS = ("slo_ttff_s", "slo_fps")
+"""Optional per-session targets of an ``open`` (used by a server whose engine runs the SLO scheduler)."""
 FIELDS = {
     "open": frozenset(
         ("type", "protocol", "seed", "mode", "height", "width", "motion_aware", "format", "quality", "record")
         + _UPDATE_FIELDS
+        + SLO_FIELDS
     ),
     "update": frozenset(("type",) + _UPDATE_FIELDS),
     "pause": frozenset(("type",)),
@@ -263,6 +266,15 @@ def _strength(msg: dict) -> float | None:
     return None if value is None else float(value)
 
 
+def _positive(msg: dict, name: str) -> float | None:
+    value = _get(msg, name, (int, float), "a number of seconds or frames per second > 0")
+    if value is None:
+        return None
+    if not 0 < value < float("inf"):
+        raise ProtocolError("bad_params", f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def parse_open(msg: dict) -> tuple[SessionRequest, OutputFormat]:
     """The engine request and the output format of an ``open`` message."""
     protocol = msg.get("protocol", PROTOCOL)
@@ -286,6 +298,7 @@ def parse_open(msg: dict) -> tuple[SessionRequest, OutputFormat]:
         strength=_strength(msg),
         blend_chunks=_int(msg, "blend_chunks", "an integer >= 0"),
         motion_aware=_get(msg, "motion_aware", (bool,), "true or false"),
+        **{name: _positive(msg, name) for name in SLO_FIELDS},
     )
     return request, OutputFormat(fmt, quality)
 
