@@ -114,8 +114,8 @@ def main() -> None:
     stem = out / f"tinyworld_cpu_{result['date']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(
-        f"| {r['frames']} | {r['fps_end_to_end']:.1f} | {r['steady_fps']:.1f} | {1000 * r['chunk_latency_s_median']:.0f} "
-        f"| {1000 * r['chunk_latency_s_p99']:.0f} |"
+        f"| {r['frames']} | {r['fps_end_to_end']:.1f} | {r['steady_fps']:.1f} "
+        f"| {1000 * r['chunk_latency_s_median']:.0f} | {1000 * r['chunk_latency_s_p99']:.0f} |"
         for r in runs
     )
     stem.with_suffix(".md").write_text(

@@ -54,8 +54,16 @@ def main() -> None:
     for base_dim in (12, 16):
         for precision in ("bf16", "fp32"):
             s = time_steps(base_dim, precision, args.batch, args.frames, device)
-            rows.append({"base_dim": base_dim, "precision": precision, "batch": args.batch, "frames": args.frames,
-                         "seconds_per_step": s, "clips_per_s": args.batch / s})
+            rows.append(
+                {
+                    "base_dim": base_dim,
+                    "precision": precision,
+                    "batch": args.batch,
+                    "frames": args.frames,
+                    "seconds_per_step": s,
+                    "clips_per_s": args.batch / s,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     common.write_json(args.out, {"device": name, "rows": rows})
