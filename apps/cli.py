@@ -5,6 +5,7 @@ stream-runtime generate --model Wan2.1-T2V-1.3B-Diffusers --checkpoint self_forc
 stream-runtime generate --model Wan2.1-T2V-1.3B-Diffusers --decoder taehv:taew2_1.pth ...   # the tiny TAEHV decoder
 stream-runtime serve --port 7860 --max-sessions 4      # the app at http://127.0.0.1:7860/ + websocket server
 stream-runtime serve --host 0.0.0.0 --token auto      # other machines too: every client needs the printed token
+stream-runtime understand tinyworld.mp4           # the embedded tiny-world captioner: one caption every 0.5 s
 stream-runtime understand match.mp4 --model Qwen2-VL-2B-Instruct --fps 1   # one line of description per step
 """
 
@@ -23,6 +24,8 @@ import torch
 from stream_runtime.attention import available_backends
 from stream_runtime.config import POSITION_MODES, PROMPT_SWITCH_MODES
 
+CAPTIONER_THREADS = 1
+"""The embedded captioner runs faster than real time on one thread; leave the other cores to decoding."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -169,30 +172,57 @@ def _mount_app(app):
     return mount(app, path="/")
 
 
+def _is_captioner_folder(path: str) -> bool:
+    """Whether ``path`` holds a tiny-world captioner (``save_pretrained`` of ``TinyWorldCaptioner``)."""
+    import json
+    import pathlib
+
+    config = pathlib.Path(path) / "config.json"
+    try:
+        return (
+            config.is_file() and "config" in json.loads(config.read_text()) and "model_type" not in config.read_text()
+        )
+    except (OSError, ValueError):
+        return False
+
+
 def cmd_understand(args: argparse.Namespace) -> int:
     from stream_runtime.understanding import StreamingVLMConfig, load_vlm, understand
     from stream_runtime.understanding.api import DEFAULT_PROMPT
 
-    if args.model is None:
-        raise ValueError(
-            "understand needs --model DIR: a local Qwen2-VL / Qwen2.5-VL folder (model and tokenizer saved with "
-            "save_pretrained, e.g. a snapshot of Qwen/Qwen2-VL-2B-Instruct); there is no built-in captioner yet"
-        )
-    model, tokenizer = load_vlm(args.model, device=args.device)
     source = int(args.source) if args.source.isdigit() else args.source  # a bare number is a webcam index
-    config = (
-        StreamingVLMConfig() if args.max_new_tokens is None else StreamingVLMConfig(max_new_tokens=args.max_new_tokens)
-    )
-    events = understand(
-        source,
-        model,
-        codec=tokenizer,
-        fps=args.fps,
-        frames_per_step=args.frames_per_step,
-        prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt,
-        config=config,
-        workers=args.workers,
-    )
+    if args.model is None or _is_captioner_folder(args.model):
+        from stream_runtime.pipelines.captioner.model import load_captioner
+
+        torch.set_num_threads(min(torch.get_num_threads(), CAPTIONER_THREADS))
+        for name in ("prompt", "max_new_tokens"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} is for a VLM (--model DIR); the captioner takes none")
+        events = understand(
+            source,
+            load_captioner(args.model),
+            fps=args.fps,
+            frames_per_step=args.frames_per_step,
+            prompt=None,
+            workers=args.workers,
+        )
+    else:
+        model, tokenizer = load_vlm(args.model, device=args.device)
+        config = (
+            StreamingVLMConfig()
+            if args.max_new_tokens is None
+            else StreamingVLMConfig(max_new_tokens=args.max_new_tokens)
+        )
+        events = understand(
+            source,
+            model,
+            codec=tokenizer,
+            fps=args.fps,
+            frames_per_step=args.frames_per_step,
+            prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt,
+            config=config,
+            workers=args.workers,
+        )
     for event in events:  # printed as they come: on a mid-stream error, what was understood is already out
         print(f"[{event.start_s:.2f}-{event.end_s:.2f}] {event.text}", flush=True)
     return 0
@@ -302,10 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     und = sub.add_parser("understand", help="describe a video file, URL or webcam as it plays, one line per step")
     und.add_argument("source", help="video file, URL (rtsp/http/hls), or a webcam index such as 0")
-    und.add_argument("--model", help="local Qwen2-VL / Qwen2.5-VL folder (model + tokenizer, save_pretrained layout)")
+    und.add_argument(
+        "--model",
+        help="local Qwen2-VL / Qwen2.5-VL folder (model + tokenizer, save_pretrained layout), or a tiny-world "
+        "captioner folder (default: the embedded captioner, assets/tinyworld-captioner)",
+    )
     und.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    und.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video")
-    und.add_argument("--frames-per-step", type=int, dest="frames_per_step", help="default: one temporal patch (2)")
+    und.add_argument("--fps", type=float, help="frames kept per second of video (default: VLM 1, captioner 16)")
+    und.add_argument(
+        "--frames-per-step",
+        type=int,
+        dest="frames_per_step",
+        help="VLM: frames per step (default one temporal patch, 2); captioner: frames between captions (default 8)",
+    )
     und.add_argument("--prompt", help="instruction fed once, before the frames (default: describe the video)")
     und.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help="text tokens per step at most (16)")
     und.add_argument("--workers", type=int, default=1, help="decode threads for a local file")

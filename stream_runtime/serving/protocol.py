@@ -44,11 +44,14 @@ CLIENT_TYPES = ("open", "update", "pause", "resume", "close")
 _UPDATE_FIELDS = ("prompt", "blend_chunks", "steps", "timesteps", "strength")
 SLO_FIELDS = ("slo_ttff_s", "slo_fps")
 """Optional per-session targets of an ``open`` (used by a server whose engine runs the SLO scheduler)."""
+UNDERSTAND_ONLY_FIELDS = ("source", "fps", "stride_frames")
+"""Fields of an ``open`` with ``mode: "understand"`` only (see :mod:`stream_runtime.serving.understand`)."""
 FIELDS = {
     "open": frozenset(
         ("type", "protocol", "seed", "mode", "height", "width", "motion_aware", "format", "quality", "record")
         + _UPDATE_FIELDS
         + SLO_FIELDS
+        + UNDERSTAND_ONLY_FIELDS
     ),
     "update": frozenset(("type",) + _UPDATE_FIELDS),
     "pause": frozenset(("type",)),
@@ -280,6 +283,9 @@ def parse_open(msg: dict) -> tuple[SessionRequest, OutputFormat]:
     protocol = msg.get("protocol", PROTOCOL)
     if protocol != PROTOCOL:
         raise ProtocolError("protocol_version", f"this server speaks {PROTOCOL!r}, the client asked for {protocol!r}")
+    misplaced = sorted(set(msg) & set(UNDERSTAND_ONLY_FIELDS))
+    if misplaced:
+        raise ProtocolError("bad_params", f"field(s) {misplaced} are for mode 'understand' only")
     fmt = _get(msg, "format", (str,), f"one of {list(FORMATS)}", DEFAULT_FORMAT)
     if fmt not in FORMATS:
         raise ProtocolError("bad_params", f"format must be one of {list(FORMATS)}, got {fmt!r}")

@@ -53,6 +53,7 @@ from stream_runtime.serving.protocol import (
     parse_update,
     unpack_frame,
 )
+from stream_runtime.serving.understand import UNDERSTAND_MODE, UnderstandSession, open_understand
 from stream_runtime.video_io import VideoWriter
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def build_app(
     *,
     token: str | None = None,
     limits: ClientLimits | None = None,
+    named_sources: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``engine``. Its lifespan starts the engine and, at shutdown, stops it (sessions
     closed, thread joined, CUDA cache emptied).
@@ -84,6 +86,8 @@ def build_app(
 
     ``token``: every route but ``/health`` (the mounted UI included) needs it (see :mod:`.auth`); None: none does.
     ``limits``: what each websocket client may send (default :class:`ClientLimits`).
+    ``named_sources``: whether understand sessions may name a file or URL for the server to read (else clients
+    push frames); :func:`serve` allows it on loopback only.
     """
     if token is not None:
         check_token(token)
@@ -104,6 +108,7 @@ def build_app(
     app.state.recordings = recordings
     app.state.token = token
     app.state.limits = limits
+    app.state.named_sources = named_sources
 
     @app.get("/health")
     async def health():
@@ -126,7 +131,7 @@ def build_app(
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
-        await Connection(websocket, engine, recordings, limits).run()
+        await Connection(websocket, engine, recordings, limits, named_sources).run()
 
     if extra_mount is not None:
         mounted = extra_mount(app)
@@ -204,9 +209,17 @@ class Connection:
     """One websocket: at most one session at a time (open, ..., closed, then open again if wanted)."""
 
     def __init__(
-        self, websocket, engine: Engine, recordings: Recordings | None = None, limits: ClientLimits | None = None
+        self,
+        websocket,
+        engine: Engine,
+        recordings: Recordings | None = None,
+        limits: ClientLimits | None = None,
+        named_sources: bool = True,
     ) -> None:
         self.ws = websocket
+        self.named_sources = named_sources
+        self.understanding: UnderstandSession | None = None
+        """The open understand session (then ``sid`` is its id and ``mode`` is "understand")."""
         self.engine = engine
         self.recordings = recordings
         self.limits = limits or ClientLimits()
@@ -230,6 +243,7 @@ class Connection:
     async def run(self) -> None:
         await self.ws.accept()
         hello = {"protocol": PROTOCOL, "formats": list(FORMATS), **self.server_limits}
+        hello["modes"] = [*hello.get("modes", []), UNDERSTAND_MODE]
         self.outbox.put_event(Event("hello", None, hello))
         sender = asyncio.create_task(self._send_loop())
         overflow = None
@@ -243,7 +257,9 @@ class Connection:
                     overflow = f"more than {self.limits.max_unsent_events} events unread (max_unsent_events)"
                     break
         finally:
-            if self.sid is not None:
+            if self.understanding is not None:
+                self.understanding.abandon()
+            elif self.sid is not None:
                 self.engine.close(self.sid)
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -310,6 +326,12 @@ class Connection:
                         "already_open",
                         f"session {self.sid} is open on this connection; close it and wait for 'closed' first",
                     )
+                if msg.get("mode") == UNDERSTAND_MODE:
+                    self.understanding = await asyncio.to_thread(
+                        open_understand, msg, self.outbox, self.named_sources
+                    )  # a named source is opened (probed) here: off the event loop
+                    self.sid, self.mode = self.understanding.id, UNDERSTAND_MODE
+                    return
                 request, output = parse_open(msg)
                 record = msg.get("record", False)
                 if not isinstance(record, bool):
@@ -322,6 +344,11 @@ class Connection:
                 self.size = (request.height or limits["default_height"], request.width or limits["default_width"])
                 if record:
                     self.recorder = SessionRecorder(*self.recordings.new_file(), fps=self.engine.config.fps)
+            elif kind in ("update", "pause", "resume") and self.mode == UNDERSTAND_MODE:
+                raise ProtocolError("bad_message", f"{kind!r} is for generation sessions; an understand session takes "
+                                    "frames and 'close'")  # fmt: skip
+            elif kind == "close" and self.understanding is not None:
+                self.understanding.close()
             elif kind == "update":
                 self.engine.update(self._need_session(), parse_update(msg))
             elif kind == "pause":
@@ -349,11 +376,16 @@ class Connection:
                 raise ProtocolError(
                     "bad_frame", f"client frames must have kind {KIND_INPUT} (input), got {header.kind}"
                 )
-            if self.mode != "v2v":
-                raise ProtocolError("bad_frame", "input frames are for video-to-video sessions (open with mode 'v2v')")
+            if self.mode not in ("v2v", UNDERSTAND_MODE):
+                raise ProtocolError(
+                    "bad_frame", "input frames are for video-to-video or understand sessions (open with mode 'v2v')"
+                )
             self._check_frame_size(header.width, header.height)
             frame = await asyncio.to_thread(decode_frame, header, payload)
-            self.engine.push_frames(sid, frame)
+            if self.understanding is not None:
+                self.understanding.push(frame, header.frame)
+            else:
+                self.engine.push_frames(sid, frame)
         except ProtocolError as exc:
             self._error(exc.code, str(exc), "frame")
         except ValueError as exc:
@@ -394,7 +426,7 @@ class Connection:
             data["format"], data["quality"] = self.output.format, self.output.quality
             data["record"] = self.recorder is not None
         if event.type == "closed" and event.session == self.sid:
-            self.sid = self.mode = self.size = None
+            self.sid = self.mode = self.size = self.understanding = None
             if self.recorder is not None:
                 data.update(await self._finish_recording())
         await self.ws.send_text(json.dumps(data))
@@ -501,7 +533,8 @@ def serve(
     """
     token, generated = resolve_token(host, token)
     engine = Engine(pipe, config)
-    app = build_app(engine, extra_mount=extra_mount, token=token, limits=limits)
+    loopback = host in ("127.0.0.1", "::1", "localhost")
+    app = build_app(engine, extra_mount=extra_mount, token=token, limits=limits, named_sources=loopback)
     server, sock = create_server(app, host, port, log_level)
     bound = sock.getsockname()[1]
     print(f"stream-runtime serving {PROTOCOL} (max {engine.config.max_sessions} sessions)")

@@ -20,6 +20,8 @@ Pieces, by concept:
   to multiples of ``patch_size * spatial_merge_size``) decoding ahead through a bounded prefetch, frames grouped
   into steps of ``temporal_patch_size``, one :class:`UnderstandEvent` per step from one
   :class:`StreamingVLMRunner`; ``load_vlm(path)`` loads a local Qwen2-VL folder. CLI: ``stream-runtime understand``.
+* :mod:`.embedded` -- ``understand(source)`` without a model: the embedded tiny-world captioner
+  (``stream_runtime.pipelines.captioner``) over a sliding window of frames at the world's 16 fps.
 """
 
 from .api import UnderstandEvent, load_vlm, understand

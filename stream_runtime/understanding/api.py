@@ -100,10 +100,10 @@ def load_vlm(
 
 def understand(
     source: str | os.PathLike | int | Iterable[tuple[float, np.ndarray]],
-    model: StreamingVLMRunner | torch.nn.Module,
+    model: StreamingVLMRunner | torch.nn.Module | None = None,
     *,
     codec: TokenCodec | None = None,
-    fps: float = 1.0,
+    fps: float | None = None,
     frames_per_step: int | None = None,
     prompt: str | None = DEFAULT_PROMPT,
     config: StreamingVLMConfig | None = None,
@@ -111,6 +111,11 @@ def understand(
     workers: int = 1,
 ) -> Iterator[UnderstandEvent]:
     """Describe ``source`` as it is decoded: one :class:`UnderstandEvent` per step of ``frames_per_step`` frames.
+
+    Without ``model`` (or with a ``TinyWorldCaptioner``) the embedded tiny-world captioner describes it
+    (:mod:`.embedded`): the source is sampled at ``fps`` (default the world's 16) and resized to 64x64, and every
+    ``frames_per_step`` frames (default 8) an event carries the caption of the last window of 24 frames; ``codec``,
+    ``config`` and ``size`` must then be None and ``prompt`` None or the default.
 
     Args:
         source: a file path or URL (:class:`~stream_runtime.ingest.FileSource`), a capture device index
@@ -123,7 +128,7 @@ def understand(
         codec: text <-> ids for the prompt and the output (the model's tokenizer). Without one, ``prompt`` must be
             ``None`` and event texts are the generated ids, space-separated.
         fps: frames kept per second of stream time (:class:`~stream_runtime.ingest.Sampling`; slower sources keep
-            every frame).
+            every frame). Default 1.0 for a VLM.
         frames_per_step: frames per step; default the model's ``temporal_patch_size`` (one temporal patch, the
             cheapest step). A step short of a multiple of it is padded by repeating its last frame, as the
             Qwen2-VL processor does. At most ``config.vision_window_frames``.
@@ -149,6 +154,9 @@ def understand(
         for event in understand(0, model, codec=tokenizer, fps=1.0):   # webcam 0
             print(event.start_s, event.text)
     """
+    if model is None or _is_captioner(model):
+        return _embedded(source, model, codec, fps, frames_per_step, prompt, config, size, workers)
+    fps = 1.0 if fps is None else fps
     if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not (0 < fps < math.inf):
         raise ValueError(f"fps: expected a finite number > 0, got {fps!r}")
     runner = _runner(model, codec=codec, config=config, fps=float(fps))
@@ -184,6 +192,29 @@ def understand(
     max_pixels = DEFAULT_MAX_TOKENS_PER_FRAME * factor**2
     resized = _resized(frames, size, factor, max_pixels)
     return _events(runner, resized, opened, name, fps, frames_per_step, prompt)
+
+
+def _is_captioner(model: object) -> bool:
+    from stream_runtime.pipelines.captioner.model import TinyWorldCaptioner
+
+    return isinstance(model, TinyWorldCaptioner)
+
+
+def _embedded(
+    source, captioner, codec, fps, frames_per_step, prompt, config, size, workers
+) -> Iterator[UnderstandEvent]:
+    """The embedded captioner's path of :func:`understand` (arguments checked, then :mod:`.embedded`)."""
+    from stream_runtime.pipelines.captioner.model import load_captioner
+
+    from .embedded import captioner_events
+
+    for name, value in (("codec", codec), ("config", config), ("size", size)):
+        if value is not None:
+            raise ValueError(f"{name}: the embedded captioner takes none (it is for VLMs), got {value!r}")
+    if prompt not in (None, DEFAULT_PROMPT):
+        raise ValueError(f"prompt: the embedded captioner takes no prompt (pass model=... for a VLM), got {prompt!r}")
+    captioner = load_captioner() if captioner is None else captioner
+    return captioner_events(source, captioner, fps=fps, stride_frames=frames_per_step, workers=workers)
 
 
 def _runner(
