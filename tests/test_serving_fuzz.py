@@ -109,6 +109,9 @@ FIELD_TYPES = {
     "motion_aware": "bool",
     "record": "bool",
     "timesteps": "numbers",
+    "source": "string",  # the understand-only fields: an error in any other open, and of a wrong type anyway
+    "fps": "number",
+    "stride_frames": "int",
 }
 OPEN = {"type": "open", "protocol": PROTOCOL, "prompt": "a red fox", "mode": "v2v", "steps": 1}
 UPDATE = {"type": "update", "prompt": "a blue cat"}
