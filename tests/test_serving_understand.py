@@ -134,6 +134,22 @@ def test_a_server_beyond_loopback_refuses_named_sources(pipe, clip):
         assert error["code"] == "bad_params" and "push frames instead" in error["message"]
 
 
+def test_understand_sessions_are_limited_to_max_sessions(pipe):
+    with TestClient(build_app(Engine(pipe, EngineConfig(max_sessions=1)))) as client:
+        with client.websocket_connect("/ws") as first, client.websocket_connect("/ws") as second:
+            first.receive_text(), second.receive_text()  # hello
+            first.send_json({"type": "open", "mode": "understand"})
+            assert json.loads(first.receive_text())["type"] == "opened"
+            second.send_json({"type": "open", "mode": "understand"})
+            busy = json.loads(second.receive_text())
+            assert busy["code"] == "busy" and not busy["fatal"]
+            first.send_bytes(frame_message(render(sample_spec(SEED), 1, 32, 32)[0], 0))  # within max_pixels
+            first.send_json({"type": "close"})
+            assert events_until_closed(first)[-1]["captions"] == 1  # the slot is free again once closed
+            second.send_json({"type": "open", "mode": "understand"})
+            assert json.loads(second.receive_text())["type"] == "opened"
+
+
 def test_real_server_captions_a_file_for_a_websockets_client(pipe, clip):
     from websockets.sync.client import connect
 

@@ -53,7 +53,7 @@ from stream_runtime.serving.protocol import (
     parse_update,
     unpack_frame,
 )
-from stream_runtime.serving.understand import UNDERSTAND_MODE, UnderstandSession, open_understand
+from stream_runtime.serving.understand import UNDERSTAND_MODE, UnderstandSession, UnderstandSlots, open_understand
 from stream_runtime.video_io import VideoWriter
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def build_app(
     app.state.token = token
     app.state.limits = limits
     app.state.named_sources = named_sources
+    understand_slots = UnderstandSlots(engine.config.max_sessions)
 
     @app.get("/health")
     async def health():
@@ -131,7 +132,7 @@ def build_app(
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
-        await Connection(websocket, engine, recordings, limits, named_sources).run()
+        await Connection(websocket, engine, recordings, limits, named_sources, understand_slots).run()
 
     if extra_mount is not None:
         mounted = extra_mount(app)
@@ -215,9 +216,11 @@ class Connection:
         recordings: Recordings | None = None,
         limits: ClientLimits | None = None,
         named_sources: bool = True,
+        understand_slots: UnderstandSlots | None = None,
     ) -> None:
         self.ws = websocket
         self.named_sources = named_sources
+        self.understand_slots = understand_slots
         self.understanding: UnderstandSession | None = None
         """The open understand session (then ``sid`` is its id and ``mode`` is "understand")."""
         self.engine = engine
@@ -328,7 +331,7 @@ class Connection:
                     )
                 if msg.get("mode") == UNDERSTAND_MODE:
                     self.understanding = await asyncio.to_thread(
-                        open_understand, msg, self.outbox, self.named_sources
+                        open_understand, msg, self.outbox, self.named_sources, self.understand_slots
                     )  # a named source is opened (probed) here: off the event loop
                     self.sid, self.mode = self.understanding.id, UNDERSTAND_MODE
                     return
@@ -345,8 +348,10 @@ class Connection:
                 if record:
                     self.recorder = SessionRecorder(*self.recordings.new_file(), fps=self.engine.config.fps)
             elif kind in ("update", "pause", "resume") and self.mode == UNDERSTAND_MODE:
-                raise ProtocolError("bad_message", f"{kind!r} is for generation sessions; an understand session takes "
-                                    "frames and 'close'")  # fmt: skip
+                raise ProtocolError(
+                    "bad_message",
+                    f"{kind!r} is for generation sessions; an understand session takes frames and 'close'",
+                )
             elif kind == "close" and self.understanding is not None:
                 self.understanding.close()
             elif kind == "update":

@@ -77,7 +77,9 @@ def shared_captioner():
 class UnderstandSession:
     """One understand session: a worker thread from the source (or the pushed frames) to ``caption`` events."""
 
-    def __init__(self, request: UnderstandRequest, outbox: Outbox, captioner=None) -> None:
+    def __init__(
+        self, request: UnderstandRequest, outbox: Outbox, captioner=None, on_end: Callable[[], None] | None = None
+    ) -> None:
         from stream_runtime.ingest import PushSource
         from stream_runtime.understanding.embedded import captioner_events
 
@@ -94,6 +96,7 @@ class UnderstandSession:
         self._events = captioner_events(source, self.captioner, fps=self.fps, stride_frames=request.stride_frames)
         self.stride_frames = request.stride_frames
         self.captions = 0
+        self._on_end = on_end
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"understand-{self.id}", daemon=True)
         self.opened = {
@@ -157,6 +160,8 @@ class UnderstandSession:
             self._events.close()
         dropped = self.push_source.dropped if self.push_source is not None else 0
         data = {"reason": reason, "captions": self.captions, "dropped_frames": dropped}
+        if self._on_end is not None:  # before "closed": a client that opens again at once finds the slot free
+            self._on_end()
         self.outbox.put_event(Event("closed", self.id, data))
 
     def _error(self, code: str, message: str) -> None:
@@ -169,23 +174,47 @@ def _default_stride() -> int:
     return DEFAULT_STRIDE_FRAMES
 
 
+class UnderstandSlots:
+    """How many understand sessions a server runs at once (each holds a thread and a decoder); thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit: expected >= 1, got {limit}")
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    def take(self) -> None:
+        if not self._free.acquire(blocking=False):
+            raise ProtocolError("busy", f"all {self.limit} understand session slots are in use; try again later")
+
+    def give(self) -> None:
+        self._free.release()
+
+
 def open_understand(
-    msg: dict, outbox: Outbox, allow_sources: bool, captioner_factory: Callable | None = None
+    msg: dict, outbox: Outbox, allow_sources: bool, slots: UnderstandSlots | None = None
 ) -> UnderstandSession:
-    """Parse an understand ``open`` and start its session (``opened`` is queued); ProtocolError on bad input."""
+    """Parse an understand ``open`` and start its session (``opened`` is queued); ProtocolError on bad input or
+    when every slot is taken."""
+    from stream_runtime.ingest import IngestError
+
     request = parse_understand_open(msg)
     if request.source is not None and not allow_sources:
         raise ProtocolError(
             "bad_params",
             "this server does not open sources named by clients (it listens beyond loopback); push frames instead",
         )
-    from stream_runtime.ingest import IngestError
-
+    if slots is not None:
+        slots.take()
     try:
-        session = UnderstandSession(request, outbox, captioner_factory() if captioner_factory else None)
+        session = UnderstandSession(request, outbox, on_end=None if slots is None else slots.give)
     except IngestError as exc:  # an unreadable file, a dead URL
+        if slots is not None:
+            slots.give()
         raise ProtocolError("source_failed", str(exc)) from exc
     except ValueError as exc:  # a bad stride or fps
+        if slots is not None:
+            slots.give()
         raise ProtocolError("bad_params", str(exc)) from exc
     session.start()
     return session
