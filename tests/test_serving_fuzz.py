@@ -112,6 +112,8 @@ FIELD_TYPES = {
     "source": "string",  # the understand-only fields: an error in any other open, and of a wrong type anyway
     "fps": "number",
     "stride_frames": "int",
+    "slo_ttff_s": "number",
+    "slo_fps": "number",
 }
 OPEN = {"type": "open", "protocol": PROTOCOL, "prompt": "a red fox", "mode": "v2v", "steps": 1}
 UPDATE = {"type": "update", "prompt": "a blue cat"}
