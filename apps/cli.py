@@ -140,7 +140,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     resolve_token(args.host, token)  # refuse a public host without a token before loading the model
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
-    config = EngineConfig(max_sessions=args.max_sessions, memory_budget_bytes=budget, fps=args.fps)
+    config = EngineConfig(
+        max_sessions=args.max_sessions, memory_budget_bytes=budget, fps=args.fps, scheduler=args.scheduler
+    )
     limits = ClientLimits(
         max_text_bytes=int(args.max_text_kb * 2**10),
         max_frame_bytes=None if args.max_frame_mb is None else int(args.max_frame_mb * 2**20),
@@ -285,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-app", action="store_true", dest="no_app", help="the websocket only, without the Gradio app")
     srv.add_argument("--port", type=int, default=7860)
     srv.add_argument("--max-sessions", type=int, default=4, dest="max_sessions")
+    srv.add_argument(
+        "--scheduler",
+        choices=("round_robin", "slo"),
+        default="round_robin",
+        help="round_robin: one chunk per session per round; slo: per-session targets (open's slo_ttff_s / slo_fps), "
+        "sequential or stream-batch denoising per chunk, violations reported (README: SLO-aware scheduling)",
+    )
     srv.add_argument(
         "--memory-budget-gb",
         type=float,

@@ -291,6 +291,9 @@ def test_serve_subcommand_wires_the_engine_config(monkeypatch, capsys):
     assert code == 0
     assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
     assert seen["config"].max_sessions == 3 and seen["config"].memory_budget_bytes == 2**29
+    assert seen["config"].scheduler == "round_robin"
+    assert cli.main(["serve", "--port", "8123", "--scheduler", "slo"]) == 0
+    assert seen["config"].scheduler == "slo"
     assert urls("0.0.0.0", 7860)["websocket"] == "ws://127.0.0.1:7860/ws"
     with pytest.raises(ValueError, match="cannot listen"):
         taken = create_server(None, "127.0.0.1", 0)[1]
