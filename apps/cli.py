@@ -31,7 +31,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="diffusers-layout folder (default: the built-in tiny random-weights model)")
+    g.add_argument(
+        "--model",
+        help="diffusers-layout folder (default: the embedded tiny-world model in assets/tinyworld when it ships, "
+        "else a tiny random-weights model)",
+    )
     g.add_argument("--checkpoint", help="original-format causal transformer checkpoint (.pt/.safetensors)")
     g.add_argument("--lora", help="LoRA file merged into --checkpoint on load (LongLive)")
     g.add_argument("--lora-scale", type=float, default=1.0)
@@ -50,15 +54,21 @@ def load_pipeline(args: argparse.Namespace):
     from stream_runtime.pipelines.wan.pipeline import StreamPipeline
 
     dtype = DTYPES[args.dtype] if args.dtype else None
-    if args.model is None:
+    model = args.model
+    if model is None:
         if args.checkpoint:
             raise ValueError("--checkpoint needs --model FOLDER (the VAE, text encoder and tokenizer come from it)")
-        print("No --model given: using the tiny random-weights model (moving noise, no trained content).")
-        pipe = StreamPipeline.tiny_random(device=args.device, dtype=dtype or torch.float32)
-        pipe.set_decoder(args.decoder)
-        return pipe
+        from stream_runtime.pipelines.tinyworld.model import shipped_model_path
+
+        model = shipped_model_path()
+        if model is None:
+            print("No --model given: using the tiny random-weights model (moving noise, no trained content).")
+            pipe = StreamPipeline.tiny_random(device=args.device, dtype=dtype or torch.float32)
+            pipe.set_decoder(args.decoder)
+            return pipe
+        print(f"No --model given: using the embedded tiny-world model ({model}).")
     return StreamPipeline.from_pretrained(
-        args.model,
+        model,
         device=args.device,
         dtype=dtype,
         transformer_checkpoint=args.checkpoint,

@@ -95,3 +95,30 @@ def test_console_script_is_installed():
     assert exe, "the stream-runtime console script is not on PATH: is the package installed (pip install -e .)?"
     out = subprocess.run([exe, "generate", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--prompt" in out and "--seconds" in out
+
+
+def test_generate_without_model_uses_the_shipped_generator_or_the_random_one(tmp_path, monkeypatch, capsys):
+    from stream_runtime.pipelines.tinyworld import model
+    from stream_runtime.pipelines.wan.pipeline import StreamPipeline
+
+    argv = ["generate", "--prompt", "a red fox", "--seconds", "0.1", "--height", "32", "--width", "32"]
+    monkeypatch.setattr(model, "shipped_model_path", lambda: None)
+    assert cli.main([*argv, "--out", str(tmp_path / "a.mp4")]) == 0
+    assert "tiny random-weights model" in capsys.readouterr().out
+
+    shipped = tmp_path / "tinyworld"
+    StreamPipeline.tiny_random(seed=1).save_pretrained(shipped)
+    monkeypatch.setattr(model, "shipped_model_path", lambda: shipped)
+    assert cli.main([*argv, "--out", str(tmp_path / "b.mp4")]) == 0
+    assert f"embedded tiny-world model ({shipped})" in capsys.readouterr().out
+
+
+def test_find_asset_looks_in_the_checkout_then_the_package(tmp_path, monkeypatch):
+    from stream_runtime import assets
+
+    monkeypatch.setattr(assets, "_REPO_ASSETS", tmp_path)
+    assert assets.find_asset("thing", "marker.json") is None
+    (tmp_path / "thing").mkdir()
+    (tmp_path / "thing" / "marker.json").write_text("{}")
+    assert assets.find_asset("thing", "marker.json") == tmp_path / "thing"
+    assert assets.asset_candidates("thing")[0] == tmp_path / "thing"

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from stream_runtime.assets import asset_candidates, find_asset
 from stream_runtime.pipelines.tinyworld.captions import format_description
 from stream_runtime.pipelines.tinyworld.spec import (
     BACKGROUND_COLOURS,
@@ -424,19 +425,13 @@ class TinyWorldCaptioner(nn.Module):
 def default_captioner_path() -> Path:
     """The shipped captioner: ``assets/tinyworld-captioner`` of a source checkout (editable install), or of the
     installed package (``stream_runtime/assets/``, package data of a wheel)."""
-    import stream_runtime
-
-    candidates = [
-        Path(__file__).resolve().parents[2] / "assets" / ASSET_NAME,  # <repo>/pipelines/captioner/model.py
-        Path(stream_runtime.__file__).resolve().parent / "assets" / ASSET_NAME,
-    ]
-    for folder in candidates:
-        if (folder / WEIGHTS_FILE).is_file():
-            return folder
-    raise FileNotFoundError(
-        f"the embedded captioner was not found (looked in {[str(c) for c in candidates]}); reinstall the package, "
-        "or train one: python -m stream_runtime.pipelines.captioner.train --out DIR"
-    )
+    folder = find_asset(ASSET_NAME, WEIGHTS_FILE)
+    if folder is None:
+        raise FileNotFoundError(
+            f"the embedded captioner was not found (looked in {[str(c) for c in asset_candidates(ASSET_NAME)]}); "
+            "reinstall the package, or train one: python -m stream_runtime.pipelines.captioner.train --out DIR"
+        )
+    return folder
 
 
 def load_captioner(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> TinyWorldCaptioner:

@@ -53,6 +53,9 @@ TRAINED_FIELDS = ("chunk_frames", "sink_frames", "window_frames", "timesteps", "
 """The stream settings the weights depend on: the exported folder fixes these and leaves the others (attention
 backend, prompt switching, ...) to the runtime's defaults."""
 
+ASSET_NAME = "tinyworld"
+"""Folder name of the embedded generator under ``assets/`` (``export --out assets/tinyworld``)."""
+
 UNKNOWN_WORDS = "error"
 """The model knows only the caption grammar's words: any other word is an error that lists the known ones."""
 
@@ -223,3 +226,11 @@ def check_stream_layout(stream: StreamConfig) -> None:
             raise ValueError(
                 f"stream.{name} ({getattr(stream, name)}) must be a multiple of chunk_frames ({stream.chunk_frames})"
             )
+
+
+def shipped_model_path():
+    """The embedded tiny-world generator's folder (``assets/tinyworld`` of a checkout or of the installed
+    package), or None while none ships (the commands then fall back to the tiny random-weights model)."""
+    from stream_runtime.assets import find_asset
+
+    return find_asset(ASSET_NAME, "model_index.json")
