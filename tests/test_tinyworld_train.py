@@ -199,3 +199,20 @@ def test_teacher_forcing_pass_equals_the_stream():
         mask = train_dit.teacher_forcing_mask(frames, stream)
         full = net.forward_full(torch.cat([clean, noisy], 2), steps, text, mask, list(range(frames)) * 2)
     torch.testing.assert_close(torch.cat(streamed, 2), full[:, :, frames:], atol=1e-5, rtol=1e-5)
+
+
+def test_readme_strip_script_draws_the_models_frames(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "tinyworld_strip.py"
+    spec = importlib.util.spec_from_file_location("tinyworld_strip", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    pipe = StreamPipeline.tiny_random(seed=0)
+    image = script.strip(pipe, ["a red fox", "a blue cat"], frames=9, every=4, scale=2)
+    h, w = pipe.default_resolution
+    assert image.shape == (2 * h * 2, 3 * w * 2, 3) and image.dtype == np.uint8
+    with pipe.session("a red fox", seed=0) as s:  # row 1 is the stream's frames 0, 4, 8
+        first = np.concatenate([next(s), next(s), next(s)])
+    np.testing.assert_array_equal(image[: 2 * h : 2, : 2 * w : 2], first[0])
