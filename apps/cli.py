@@ -141,14 +141,15 @@ def _parse_switches(items: list[str] | None, fps: float) -> list[tuple[int, str]
     return [(round(seconds * fps), prompt) for seconds, prompt in map(parse_switch, items or [])]
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve_settings(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``serve`` other than the pipeline, from ``serve``'s arguments (a public host
+    without a token is refused here, before any model is loaded)."""
     from stream_runtime.serving.auth import TOKEN_ENV, resolve_token
     from stream_runtime.serving.engine import EngineConfig
     from stream_runtime.serving.limits import ClientLimits
-    from stream_runtime.serving.server import serve
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
-    resolve_token(args.host, token)  # refuse a public host without a token before loading the model
+    resolve_token(args.host, token)
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
     config = EngineConfig(
         max_sessions=args.max_sessions, memory_budget_bytes=budget, fps=args.fps, scheduler=args.scheduler
@@ -165,8 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("gradio is not installed: serving without the app (pip install gradio==6.31.0 to get it)")
     elif not args.no_app:
         extra_mount, app_path = _mount_app, "/"
-    serve(
-        load_pipeline(args),
+    return dict(
         host=args.host,
         port=args.port,
         config=config,
@@ -175,6 +175,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=token,
         limits=limits,
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stream_runtime.serving.server import serve
+
+    settings = serve_settings(args)
+    serve(load_pipeline(args), **settings)
     return 0
 
 
@@ -282,17 +289,10 @@ def add_generate_args(gen: argparse.ArgumentParser) -> None:
     _add_model_args(gen)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_serve_args(srv: argparse.ArgumentParser) -> None:
+    """The arguments of ``serve`` (shared with ``python -m stream_runtime.distributed.serve``)."""
     from stream_runtime.serving.limits import ClientLimits  # light: no server dependencies
 
-    parser = argparse.ArgumentParser(prog="stream-runtime", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="stream text-to-video into an MP4 file")
-    add_generate_args(gen)
-    gen.set_defaults(func=cmd_generate)
-
-    srv = sub.add_parser("serve", help="serve the Gradio app and live streams over a websocket (docs/protocol.md)")
     srv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     srv.add_argument("--no-app", action="store_true", dest="no_app", help="the websocket only, without the Gradio app")
     srv.add_argument("--port", type=int, default=7860)
@@ -347,6 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the kernel's autotuning, up to 4 MiB)",
     )
     _add_model_args(srv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-runtime", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream text-to-video into an MP4 file")
+    add_generate_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the Gradio app and live streams over a websocket (docs/protocol.md)")
+    add_serve_args(srv)
     srv.set_defaults(func=cmd_serve)
 
     und = sub.add_parser("understand", help="describe a video file, URL or webcam as it plays, one line per step")

@@ -27,6 +27,11 @@ TAG_RESULT = 2
 """Latents of one forward from the last stage back to the first (the ring's closing edge)."""
 TAG_LAYERS = 3
 """K/V of cache layers that change owner in a rebalance."""
+TAG_FRAMES = 4
+"""Serving: decoded frames of a chunk from the last stage to the first (which runs the engine)."""
+TAG_CONTROL = 5
+"""Serving: a control message (open, close, heartbeat, stop) back from the last stage to the first, once every
+stage has handled it (it travels the ring on ``TAG_FORWARD``, in order with the forwards)."""
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8)}
 

@@ -43,7 +43,8 @@ class RunPlan:
 
     prompt: str
     seed: int
-    num_chunks: int
+    num_chunks: int | None
+    """Chunks of the stream; None: endless (serving, the first stage drives it forward by forward)."""
     height: int
     width: int
     config: StreamConfig
@@ -182,7 +183,6 @@ class PipelineStage:
         return at, after if after < self.schedule.total_forwards(self.plan.num_chunks) else None
 
     def _forward(self, f: int, items: list[tuple[int, int]]) -> None:
-        fc = self.config.chunk_frames
         if self.first:
             self._switch_first(f)
             start = time.perf_counter()
@@ -197,6 +197,31 @@ class PipelineStage:
             if meta["forward"] != f or [tuple(i) for i in meta["items"]] != items:
                 raise RuntimeError(f"rank {self.rank}: expected forward {f} {items}, got {meta}")
             h = tensors[0]
+        self._through(f, items, h)
+
+    # -- an endless stream driven from outside (serving: stream_runtime.distributed.serve)
+
+    def step(self, f: int) -> None:
+        """First stage: run forward ``f`` (a prompt switch registered with :meth:`switch_at` first)."""
+        self._forward(f, self.schedule.items(f, self.plan.num_chunks))
+
+    def switch_at(self, f: int, prompt: str) -> None:
+        """First stage: switch to ``prompt`` before forward ``f`` (which has not run yet); it travels the ring."""
+        self.switches[f] = prompt
+
+    def take(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+        """A later stage: handle one message of the previous stage (a forward or a prompt switch), in order."""
+        if meta.get("kind") == "switch":
+            self._switch_other(meta, tensors)
+            return
+        f, items = meta["forward"], [tuple(i) for i in meta["items"]]
+        if items != self.schedule.items(f, self.plan.num_chunks):
+            raise RuntimeError(f"rank {self.rank}: forward {f} holds {items}, the schedule says otherwise")
+        self._through(f, items, tensors[0])
+
+    def _through(self, f: int, items: list[tuple[int, int]], h: torch.Tensor) -> None:
+        """This stage's blocks over forward ``f``'s activations ``h``; then send on, or finish (last stage)."""
+        fc = self.config.chunk_frames
         start = time.perf_counter()
         ts = [self.sigmas[p] * 1000.0 if p < self.steps else 0.0 for _, p in items]
         timesteps = torch.tensor(ts, dtype=torch.float32, device=self.pipe.device)
