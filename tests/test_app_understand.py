@@ -1,12 +1,12 @@
 """The Understand tab of the Gradio app (Starlette's TestClient for the page, the tab's handlers called as Gradio
 calls them): captions of a file, of webcam frames, and the errors for bad input."""
 
-import av
 import pytest
-import torch
 from starlette.testclient import TestClient
 
 gr = pytest.importorskip("gradio", reason="the app needs gradio (pip install gradio==6.31.0)")
+
+from helpers import write_clip  # noqa: E402
 
 from stream_runtime.apps.gradio_app import mount  # noqa: E402
 from stream_runtime.apps.understand_tab import MAX_LINES, caption_source, caption_webcam  # noqa: E402
@@ -19,24 +19,12 @@ from stream_runtime.serving.server import build_app  # noqa: E402
 SEED = held_out_seeds()[3]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("app_understand") / "world.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=WORLD_FPS)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for frame in render(sample_spec(SEED), 32):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
-    return path
+    return write_clip(tmp_path_factory.mktemp("app_understand") / "world.mp4", render(sample_spec(SEED), 32), WORLD_FPS)
 
 
 def components(client) -> dict[str, dict]:

@@ -25,12 +25,7 @@ SHIPPED_CHECK_SEEDS = held_out_seeds()[:8]
 """Held-out scenes the shipped captioner must caption exactly in the test (one window each, from frame 0)."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,9 @@ errors, through Starlette's TestClient and a real uvicorn server."""
 import json
 import threading
 
-import av
 import numpy as np
 import pytest
-import torch
+from helpers import write_clip
 from starlette.testclient import TestClient
 
 from stream_runtime.pipelines.tinyworld.captions import parse_caption
@@ -22,12 +21,7 @@ SEED = held_out_seeds()[2]
 FRAMES = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +42,9 @@ def client(pipe):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve_understand") / "world.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=WORLD_FPS)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for frame in render(sample_spec(SEED), FRAMES):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
-    return path
+    return write_clip(
+        tmp_path_factory.mktemp("serve_understand") / "world.mp4", render(sample_spec(SEED), FRAMES), WORLD_FPS
+    )
 
 
 def events_until_closed(ws) -> list[dict]:

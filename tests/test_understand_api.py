@@ -27,12 +27,7 @@ SPECIAL_NAMES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_clip(path: Path, frames: int = FPS * SECONDS, options: dict[str, str] | None = None) -> Path:

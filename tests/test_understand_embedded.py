@@ -2,10 +2,8 @@
 
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
-import torch
+from helpers import write_clip
 
 from stream_runtime.apps import cli
 from stream_runtime.ingest import IngestError
@@ -18,27 +16,12 @@ SEED = held_out_seeds()[1]
 FRAMES = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_clip(path: Path, frames: np.ndarray, fps: int = WORLD_FPS) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
-    return write_clip(tmp_path_factory.mktemp("embedded") / "world.mp4", render(sample_spec(SEED), FRAMES))
+    return write_clip(tmp_path_factory.mktemp("embedded") / "world.mp4", render(sample_spec(SEED), FRAMES), WORLD_FPS)
 
 
 def test_frames_iterable_gives_timestamped_window_captions():

@@ -23,13 +23,7 @@ WORD = 7  # any ordinary token id; get_rope_index only looks at the modality of 
 VIDEO_TYPE = 2  # mm_token_type_ids value of video placeholders (text 0, image 1, video 2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors run faster on one thread than fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
