@@ -216,3 +216,30 @@ def test_readme_strip_script_draws_the_models_frames(tmp_path):
     with pipe.session("a red fox", seed=0) as s:  # row 1 is the stream's frames 0, 4, 8
         first = np.concatenate([next(s), next(s), next(s)])
     np.testing.assert_array_equal(image[: 2 * h : 2, : 2 * w : 2], first[0])
+
+
+def test_decoder_only_fine_tune_keeps_the_latent_space(tmp_path):
+    first = tmp_path / "vae"
+    train_vae.train(
+        train_vae.VAETrainConfig(
+            out=str(first), steps=1, batch=2, frames=5, size=SIZE, stats_clips=2, eval_clips=0, **TINY_VAE
+        )
+    )
+    with pytest.raises(ValueError, match="needs init"):
+        train_vae.train(train_vae.VAETrainConfig(out=str(tmp_path / "x"), steps=1, freeze_encoder=True))
+    tuned = tmp_path / "tuned"
+    log = train_vae.train(
+        train_vae.VAETrainConfig(
+            out=str(tuned), init=str(first), freeze_encoder=True, steps=2, batch=2, frames=5, size=SIZE,
+            lr=1e-2, warmup=0, stats_clips=2, eval_clips=0,
+        )
+    )  # fmt: skip
+    before, after = AutoencoderKLWan.from_pretrained(first), AutoencoderKLWan.from_pretrained(tuned)
+    assert log["latents_mean"] == list(before.config.latents_mean)
+    assert after.config.latents_std == before.config.latents_std
+    for name in ("encoder", "quant_conv", "decoder"):
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(getattr(before, name).parameters(), getattr(after, name).parameters(), strict=True)
+        )
+        assert same == (name != "decoder"), name

@@ -83,6 +83,9 @@ class VAETrainConfig:
     """Held-out clips reconstructed and scored by the evaluator at the end (0: skip)."""
     init: str | None = None
     """Start from the weights of an earlier run's folder (its shape wins over base_dim / z_dim)."""
+    freeze_encoder: bool = False
+    """Train the decoder only (needs ``init``): the encoder, its latent space and the folder's latents_mean /
+    latents_std stay as they are, so a transformer trained on the ``init`` VAE's latents still fits."""
     log_every: int = 25
 
 
@@ -127,6 +130,7 @@ def vae_loss(
     generator: torch.Generator | None = None,
     fg_weight: float = 0.0,
     l2_weight: float = 0.0,
+    train_encoder: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L1 reconstruction of a posterior sample + ``kl_weight`` * mean KL. Returns (loss, detached parts).
 
@@ -137,8 +141,10 @@ def vae_loss(
     when it comes out black), so red, green and black shapes decoded alike; the squared error's gradient grows
     with the error and separates them (measured: 300 CPU steps of single-frame training, red/green/black all
     decoded black with L1, distinct with ``l2_weight=1``). ``l1`` in the parts stays the plain mean.
+    ``train_encoder=False`` encodes without gradients (decoder-only training).
     """
-    mean, logvar = encode_moments(vae, pixels)
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        mean, logvar = encode_moments(vae, pixels)
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     z = mean + torch.exp(0.5 * logvar) * noise
     recon = decode_raw(vae, z)
@@ -197,10 +203,16 @@ def train(cfg: VAETrainConfig) -> dict:
     out = pathlib.Path(cfg.out)
     if cfg.init is not None:
         vae = AutoencoderKLWan.from_pretrained(cfg.init).to(device).train()
+    elif cfg.freeze_encoder:
+        raise ValueError("freeze_encoder: needs init (the VAE whose encoder and latent space to keep)")
     else:
         vae = AutoencoderKLWan(**vae_config(base_dim=cfg.base_dim, z_dim=cfg.z_dim)).to(device).train()
+    if cfg.freeze_encoder:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
     params = sum(p.numel() for p in vae.parameters())
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     if cfg.precision not in ("bf16", "fp32"):
         raise ValueError(f"precision: expected 'bf16' or 'fp32', got {cfg.precision!r}")
     dataset = ClipDataset(cfg.frames, cfg.size, cfg.crop, cfg.seed)
@@ -213,7 +225,11 @@ def train(cfg: VAETrainConfig) -> dict:
         batches = iter(lambda: pool_batch(pool, cfg.batch, generator), None)
     else:
         batches = clip_loader(dataset, cfg.batch, cfg.workers)
-    common.log(f"VAE: {params / 1e6:.2f}M parameters, batch {cfg.batch} x {cfg.frames} frames on {device}")
+    trained = sum(p.numel() for p in trainable)
+    common.log(
+        f"VAE: {params / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained), "
+        f"batch {cfg.batch} x {cfg.frames} frames on {device}"
+    )
 
     budget = cfg.minutes * 60 * (1 - common.SAVE_RESERVE) - (time.perf_counter() - stage_start)
     plan = common.StepPlan(cfg.steps, budget)
@@ -225,10 +241,12 @@ def train(cfg: VAETrainConfig) -> dict:
             group["lr"] = lr
         pixels = next(batches).to(device, non_blocking=True)
         with common.autocast(device, cfg.precision):
-            loss, parts = vae_loss(vae, pixels, cfg.kl_weight, generator, cfg.fg_weight, cfg.l2_weight)
+            loss, parts = vae_loss(
+                vae, pixels, cfg.kl_weight, generator, cfg.fg_weight, cfg.l2_weight, not cfg.freeze_encoder
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         window.append(parts)
         step += 1
@@ -240,10 +258,13 @@ def train(cfg: VAETrainConfig) -> dict:
     train_seconds = plan.elapsed
 
     vae.eval()
-    stats_set = ClipDataset(cfg.frames, cfg.size, None, seed=cfg.seed + 1)
-    clips = torch.stack([stats_set.clip(i) for i in range(cfg.stats_clips)])
-    latents_mean, latents_std = measure_latent_stats(vae, clips)
-    vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
+    if cfg.freeze_encoder:  # same encoder: keep the statistics a transformer was trained with
+        latents_mean, latents_std = list(vae.config.latents_mean), list(vae.config.latents_std)
+    else:
+        stats_set = ClipDataset(cfg.frames, cfg.size, None, seed=cfg.seed + 1)
+        clips = torch.stack([stats_set.clip(i) for i in range(cfg.stats_clips)])
+        latents_mean, latents_std = measure_latent_stats(vae, clips)
+        vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
     report = reconstruction_report(vae, cfg.eval_clips, cfg.size) if cfg.eval_clips else None
     vae.save_pretrained(out)
     result = {
@@ -297,6 +318,9 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     parser.add_argument("--eval-clips", type=int, default=defaults.eval_clips)
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--init", default=None, help="folder of an earlier run to continue from")
+    parser.add_argument(
+        "--freeze-encoder", action="store_true", help="train the decoder only (keeps --init's latent space)"
+    )
     args = parser.parse_args(argv)
     return VAETrainConfig(**{k.replace("-", "_"): v for k, v in vars(args).items()})
 
