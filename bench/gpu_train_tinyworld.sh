@@ -3,9 +3,9 @@
 # Usage on the device machine (repo root, wheels in .whl/; folders from earlier stages carried under out/):
 #   bash bench/gpu_train_tinyworld.sh OUTDIR vae MINUTES [INIT_VAE [EXTRA...]]     -> OUTDIR/vae$TAG.tgz
 #   bash bench/gpu_train_tinyworld.sh OUTDIR dit MINUTES VAE [INIT_DIT [EXTRA...]] -> OUTDIR/dit$TAG.tgz
-# vae$TAG.tgz holds vae/ and vae.log; dit$TAG.tgz holds dit/ (for --init), model/ (exported), dit.log and eval.json
-# (50 held-out prompts streamed on the GPU). EXTRA arguments go to the trainer (e.g. --freeze-encoder,
-# --context-noise 0.3); pass "" for an absent INIT. Set TW_NO_INSTALL=1 when the wheels are installed already
+# vae$TAG.tgz holds vae/ and vae.log; dit$TAG.tgz holds dit/ (for --init; export it here with the VAE), dit.log and
+# eval.json (the exported model over 50 held-out prompts, streamed on the GPU). EXTRA arguments go to the trainer
+# (e.g. --freeze-encoder, --context-noise 0.3); pass "" for an absent INIT. Set TW_NO_INSTALL=1 when the wheels are installed already
 # (two stages started side by side, e.g. CUDA_VISIBLE_DEVICES=0 / 1 on a 2-GPU machine, with distinct TAGs).
 # The VAE recipe: 17-frame clips (5 latent frames: the decoder's steady state, which 9-frame clips never reach,
 # is what a stream runs in), a rendered pool on the GPU, foreground-weighted L1 + squared error (L1 alone tied
@@ -37,7 +37,7 @@ dit)
     tail -n 3 $w/dit.log
     python3 -m $m.export --vae "$vae" --dit $w/dit --out $w/model 2>&1 | tail -3
     timeout 90 python3 -m $m.eval_model --model $w/model --device cuda --prompts 50 --out $w/eval.json 2>&1 | tail -4
-    tar czf "$out/dit$tag.tgz" -C $w dit model dit.log $(cd $w && ls eval.json 2>/dev/null)
+    tar czf "$out/dit$tag.tgz" -C $w dit dit.log $(cd $w && ls eval.json 2>/dev/null)
     ;;
 *) echo "stage: expected vae or dit, got $stage" >&2; exit 2 ;;
 esac

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 POSITION_MODES = ("absolute", "bounded")
 PROMPT_SWITCH_MODES = ("keep", "reset", "recache")
 BLEND_MODES = ("linear", "slerp")
+SAMPLERS = ("renoise", "euler")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class StreamConfig:
     compute the cached part at step 0 and every N steps and reuse it in between (approximate, faster)."""
     max_text_tokens: int | None = None
     """Override of the text encoder's maximum prompt length (default: the model's)."""
+    sampler: str = "renoise"
+    """How a chunk goes from one step to the next: ``renoise`` (fresh noise: the distilled few-step models this
+    runtime targets) or ``euler`` (the flow ODE: models trained by plain flow matching, such as the tiny-world
+    model). See :func:`stream_runtime.pipelines.wan.sampling.next_sample`."""
     stream_batch: bool = False
     """Run the passes of successive chunks as one batch (StreamDiffusionV2's stream batch): one forward advances
     every chunk in flight by one pass, so a chunk comes out per forward after a warm-up. A chunk attends to the
@@ -99,6 +104,7 @@ class StreamConfig:
             ("position_mode", self.position_mode, POSITION_MODES),
             ("prompt_switch", self.prompt_switch, PROMPT_SWITCH_MODES),
             ("blend_mode", self.blend_mode, BLEND_MODES),
+            ("sampler", self.sampler, SAMPLERS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

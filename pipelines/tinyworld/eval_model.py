@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--timesteps", type=float, nargs="+", default=None, help="override the folder's steps")
     parser.add_argument("--shift", type=float, default=None, help="override the folder's shift")
+    parser.add_argument("--sampler", choices=("renoise", "euler"), default=None, help="override the folder's")
     parser.add_argument("--attention", default=None, help="self-attention backend (default: the folder's, sdpa)")
     parser.add_argument(
         "--reuse", type=int, default=None, metavar="N", help="cross-step attention reuse refresh interval (0: exact)"
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         overrides["timesteps"] = tuple(args.timesteps)
     if args.shift is not None:
         overrides["shift"] = args.shift
+    if args.sampler is not None:
+        overrides["sampler"] = args.sampler
     if args.attention is not None:
         overrides["attention_backend"] = args.attention
     if args.reuse is not None:

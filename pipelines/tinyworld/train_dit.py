@@ -52,6 +52,7 @@ from stream_runtime.pipelines.wan.transformer import StreamingWanTransformer, bl
 
 from . import train_common as common
 from .model import (
+    LAYOUT_FIELDS,
     NATIVE_SIZE,
     STREAM,
     build_tokenizer,
@@ -112,13 +113,14 @@ class DiTTrainConfig:
     """Share of sequences that are a stream's start (window right after the sinks)."""
     grid_prob: float = 0.5
     """Share of chunk noise levels taken from the stream's shifted step list."""
-    train_shift: float = 3.0
-    """Shift of the shifted-uniform noise levels."""
+    train_shift: float = 1.0
+    """Shift of the shifted-uniform noise levels (1: uniform, as the stream's Euler levels are)."""
     chunk_frames: int = STREAM.chunk_frames
     sink_frames: int = STREAM.sink_frames
     window_frames: int = STREAM.window_frames
     timesteps: tuple[float, ...] = STREAM.timesteps
     shift: float = STREAM.shift
+    sampler: str = STREAM.sampler
     workers: int = 0
     """Processes rendering the training streams."""
     encode_batch: int = 256
@@ -135,6 +137,7 @@ class DiTTrainConfig:
             window_frames=self.window_frames,
             timesteps=tuple(self.timesteps),
             shift=self.shift,
+            sampler=self.sampler,
         )
 
 
@@ -262,11 +265,10 @@ def loss_per_level(
 def build_models(cfg: DiTTrainConfig, vae: AutoencoderKLWan, vocab_size: int):
     if cfg.init is not None:
         trained, _ = load_trained_for(cfg.init)
-        if stream_fields(trained) != stream_fields(cfg.stream()):
-            raise ValueError(
-                f"init: {cfg.init!r} was trained for the stream {stream_fields(trained)}, this run asks for "
-                f"{stream_fields(cfg.stream())}"
-            )
+        layout = {k: v for k, v in stream_fields(trained).items() if k in LAYOUT_FIELDS}
+        wanted = {k: v for k, v in stream_fields(cfg.stream()).items() if k in LAYOUT_FIELDS}
+        if layout != wanted:
+            raise ValueError(f"init: {cfg.init!r} was trained for the stream layout {layout}, this run has {wanted}")
         folder = pathlib.Path(cfg.init)
         wan = WanTransformer3DModel.from_pretrained(folder / "transformer")
         text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder")

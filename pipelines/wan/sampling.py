@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from stream_runtime.config import SAMPLERS
+
 
 def shifted_sigma(t: float | torch.Tensor, shift: float) -> float | torch.Tensor:
     """Noise level for a step ``t`` on the 0..1000 scale after the time shift."""
@@ -30,6 +32,23 @@ def to_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma) -> torch.Tensor:
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
     """Noisy sample at level ``sigma`` (scalar or broadcastable tensor)."""
     return (1.0 - sigma) * x0 + sigma * noise
+
+
+def next_sample(x0, x, flow, sigma, sigma_next, noise: torch.Tensor, sampler: str = "renoise") -> torch.Tensor:
+    """The input of the next denoising step, at ``sigma_next``, from this step's input ``x`` at ``sigma``, its
+    clean estimate ``x0`` and predicted ``flow``.
+
+    ``renoise`` (the distilled few-step models: Self-Forcing, CausVid, SDv2) noises ``x0`` again with fresh
+    ``noise``. ``euler`` carries the noise the network saw (``x + (1 - sigma) * flow``) to the next level: one
+    Euler step of the flow ODE, the sampler of models trained by plain flow matching (the tiny-world model),
+    whose ``x0`` at high noise is a blurred average that fresh noise would not sharpen. ``noise`` is drawn by the
+    caller either way, so a stream consumes its random numbers alike under both samplers.
+    """
+    if sampler == "euler":
+        return add_noise(x0, x + (1.0 - sigma) * flow.to(x.dtype), sigma_next)
+    if sampler != "renoise":
+        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    return add_noise(x0, noise, sigma_next)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float, eps: float = 1e-7) -> torch.Tensor:

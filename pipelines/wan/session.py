@@ -400,7 +400,8 @@ class StreamSession:
             flow = self._forward(x, sigma * 1000.0, self.frame, step=i)
             x0 = sampling.to_x0(x, flow.float(), sigma)
             if i + 1 < len(sigmas):
-                x = sampling.add_noise(x0, self._randn(x0.shape), sigmas[i + 1])
+                noise = self._randn(x0.shape)
+                x = sampling.next_sample(x0, x, flow.float(), sigma, sigmas[i + 1], noise, self.config.sampler)
         return x0
 
     @torch.no_grad()

@@ -116,7 +116,9 @@ class StreamBatchRunner:
                 x0 = sampling.to_x0(xs[b], flow[b : b + 1].float(), sigmas[p])
             if p + 1 < steps:
                 noise = pass_noise(s.seed, chunk, p + 1, x0.shape, s.pipe.device)
-                self.inputs[chunk] = sampling.add_noise(x0, noise, sigmas[p + 1])
+                self.inputs[chunk] = sampling.next_sample(
+                    x0, xs[b], flow[b : b + 1].float(), sigmas[p], sigmas[p + 1], noise, config.sampler
+                )
             elif p + 1 == steps and config.context_pass:
                 self.inputs[chunk] = x0
             if chunk == leaving:

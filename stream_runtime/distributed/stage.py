@@ -267,7 +267,17 @@ class PipelineStage:
         for b, (c, p) in enumerate(items):
             x0 = xs[b] if p == self.steps else sampling.to_x0(xs[b], flow[b : b + 1].float(), self.sigmas[p])
             if p + 1 < self.steps:
-                nexts.append(sampling.add_noise(x0, self._noise(c, p + 1), self.sigmas[p + 1]))
+                nexts.append(
+                    sampling.next_sample(
+                        x0,
+                        xs[b],
+                        flow[b : b + 1].float(),
+                        self.sigmas[p],
+                        self.sigmas[p + 1],
+                        self._noise(c, p + 1),
+                        self.config.sampler,
+                    )
+                )
                 chunks.append(c)
             elif p + 1 == self.steps and self.config.context_pass:
                 nexts.append(x0)
