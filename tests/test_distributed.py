@@ -2,7 +2,6 @@
 
 import os
 import pathlib
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_close
+from helpers import assert_same_chunks, free_port, run_torchrun, session_chunks
 
 from stream_runtime.config import StreamConfig
 from stream_runtime.distributed import (
@@ -24,7 +23,7 @@ from stream_runtime.distributed import (
     ranges_from_bounds,
     stage_times,
 )
-from stream_runtime.distributed.comm import TAG_RESULT
+from stream_runtime.distributed.comm import TAG_LAYERS, TAG_RESULT, init_stage_groups
 from stream_runtime.distributed.generate import chunk_frame_counts, plan_switches
 from stream_runtime.pipelines.wan.pipeline import StreamPipeline
 
@@ -77,12 +76,6 @@ def test_switch_planning_matches_the_generate_loop():
 # -- multi-process runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank, world, port, fn, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=STAGE_TIMEOUT_S))
@@ -101,7 +94,7 @@ def run_ranks(world, fn, tmp_path, timeout_s=RUN_TIMEOUT_S):
     """Run ``fn(rank, world)`` in ``world`` forked gloo processes; return each rank's result (or error dict).
     Processes still alive at the deadline are killed and the test fails."""
     ctx = mp.get_context("fork")  # children inherit the loaded model: no re-import, no reload
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, str(tmp_path))) for r in range(world)]
     for p in procs:
         p.start()
@@ -118,15 +111,7 @@ def run_ranks(world, fn, tmp_path, timeout_s=RUN_TIMEOUT_S):
 
 def single_process(pipe, config, num_chunks, switches=()):
     """Chunks of a single-process stream-batch session: [(x0, frames)]; ``switches``: (chunks out, prompt)."""
-    switches = dict(switches)
-    out = []
-    with pipe.session("a red fox", seed=7, height=SIZE, width=SIZE, config=config) as s:
-        for k in range(num_chunks):
-            if k in switches:
-                s.set_prompt(switches[k])
-            frames = s.next_chunk()
-            out.append((s.cache.kept_latents()[1][:, :, -config.chunk_frames :].clone(), frames))
-    return out
+    return session_chunks(pipe, config, num_chunks, "a red fox", 7, SIZE, SIZE, switches)
 
 
 def distributed(pipe, config, world, num_chunks, tmp_path, switches=(), **plan):
@@ -151,15 +136,6 @@ def distributed(pipe, config, world, num_chunks, tmp_path, switches=(), **plan):
     for r, res in enumerate(results):
         assert "ok" in res, f"rank {r}: {res.get('trace')}"
     return [res["ok"] for res in results]
-
-
-def assert_same_chunks(dist_chunks, reference):
-    assert [c for c, _, _ in dist_chunks] == list(range(len(reference)))
-    for (_, x0, frames), (ref_x0, ref_frames) in zip(dist_chunks, reference, strict=True):
-        assert_close(x0, ref_x0)
-        assert frames.shape == ref_frames.shape
-        # Same batches, same ops: equal to the byte (one level of rounding allowed if fp32 sums reorder).
-        assert abs(frames.astype(int) - ref_frames.astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -234,12 +210,38 @@ def test_a_dead_rank_ends_the_run_with_a_clear_error(tmp_path):
     assert "rank 0: waiting for the latents of forward 0 from rank 1 failed" in message
 
 
+def test_messages_are_matched_by_tag_in_the_header_on_one_group_per_direction(tmp_path):
+    """NCCL ignores tags and delivers in send order: a message asked for by tag is found behind others, which wait
+    for their own receive (a rebalance's cache layers overtaking latents still in flight, as in PipelineStage)."""
+
+    def fn(rank, world):
+        init_stage_groups()
+        channel = Channel(rank, torch.device("cpu"), timeout_s=10.0)
+        if rank == 1:
+            for i in range(2):
+                channel.send(0, {"forward": i}, [torch.full((3,), float(i))], TAG_RESULT)
+            channel.send(0, {"layer": 5}, [torch.ones(2, 2)], TAG_LAYERS)
+            channel.flush()
+            return channel.recv(0, TAG_RESULT, "the answer")[0]
+        layer, _ = channel.recv(1, TAG_LAYERS, "the cache of block 5")
+        results = [channel.recv(1, TAG_RESULT, f"the latents of forward {i}") for i in range(2)]
+        channel.send(1, {"seen": [layer["layer"], *(meta["forward"] for meta, _ in results)]}, [], TAG_RESULT)
+        channel.flush()
+        return [float(t[0][0]) for _, t in results]
+
+    results = run_ranks(2, fn, tmp_path)
+    assert results[0]["ok"] == [0.0, 1.0], results[0].get("trace")
+    assert results[1]["ok"] == {"seen": [5, 0, 1]}, results[1].get("trace")
+
+
+def test_a_channel_on_cuda_needs_the_groups_per_direction():
+    with pytest.raises(ValueError, match="init_stage_groups"):
+        Channel(0, torch.device("cuda", 0), timeout_s=5.0)
+
+
 def test_torchrun_writes_the_same_mp4_as_the_single_process_cli(tmp_path):
     """The launch path end to end: 2 gloo processes under torchrun write the MP4 that `stream-runtime generate
     --stream-batch --stream-batch-stride 2` writes, byte for byte (same frames, same encoder settings)."""
-    import subprocess
-    import sys
-
     from stream_runtime.apps.cli import main as cli_main
 
     common = ["--prompt", "a red fox", "--seconds", "1.5", "--fps", "8", "--height", "32", "--width", "32"]
@@ -248,9 +250,8 @@ def test_torchrun_writes_the_same_mp4_as_the_single_process_cli(tmp_path):
     single, multi = tmp_path / "single.mp4", tmp_path / "multi.mp4"
     assert cli_main(["generate", *common, "--stream-batch", "--stream-batch-stride", "2", "--out", str(single)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
-    cmd += ["-m", "stream_runtime.distributed.generate", *common, "--out", str(multi), "--timeout", "30"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    args = ["--nproc_per_node=2", f"--master_port={free_port()}", "-m", "stream_runtime.distributed.generate"]
+    done = run_torchrun([*args, *common, "--out", str(multi), "--timeout", "30"], RUN_TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "over 2 stages" in done.stdout
     assert multi.read_bytes() == single.read_bytes()

@@ -3,7 +3,7 @@ their KV cache, with the stream batch circulating through a ring of stages (``to
 stream_runtime.distributed.generate``), and the server's engine over such a ring (``torchrun -m
 stream_runtime.distributed.serve``)."""
 
-from .comm import Channel, StageError
+from .comm import Channel, StageError, init_stage_groups
 from .partition import balance, even_partition, ranges_from_bounds, stage_times
 from .ring import RingSession, StageRing, run_stage_loop
 from .stage import PipelineStage, RunPlan, switch_forward
@@ -17,6 +17,7 @@ __all__ = [
     "StageRing",
     "balance",
     "even_partition",
+    "init_stage_groups",
     "run_stage_loop",
     "ranges_from_bounds",
     "stage_times",

@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .comm import Channel
+from .comm import Channel, init_stage_groups
 from .stage import PipelineStage, RunPlan, switch_forward
 
 log = logging.getLogger("stream_runtime.distributed")
@@ -78,17 +78,19 @@ def _bounds(text: str | None) -> tuple[int, ...] | None:
     return None if text is None else tuple(int(b) for b in text.split(","))
 
 
-def init_process_group(timeout_s: float) -> tuple[int, int, torch.device]:
-    """Join the torchrun job: NCCL with one GPU per process when CUDA is there, else gloo on the CPU."""
+def init_process_group(timeout_s: float, cuda: bool | None = None) -> tuple[int, int, torch.device]:
+    """Join the torchrun job: NCCL with one GPU per process when CUDA is there (``cuda``: None) or asked for
+    (True), else gloo on the CPU; then the process groups that stage messages travel on."""
     if "RANK" not in os.environ:
         raise ValueError("launch with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR, ...): torchrun -m ...")
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s), device_id=device)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    init_stage_groups()
     return dist.get_rank(), dist.get_world_size(), device
 
 

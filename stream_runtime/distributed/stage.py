@@ -128,6 +128,7 @@ class PipelineStage:
             device=pipe.device,
             layers=self.ranges[rank],
         )
+        self._place_blocks()  # before the text K/V, which are computed with this stage's blocks
         self.embeds = pipe.encode_prompt(plan.prompt)
         self.text = self.net.text_kv(self.embeds, self.layers)
         self.switches = dict(plan.switches)
@@ -142,7 +143,6 @@ class PipelineStage:
         self._timed = 0
         self.report: dict = {}
         """Rebalance report (every rank): blocks and stage times (ms per forward) before, predicted, after."""
-        self._place_blocks()
 
     @property
     def layers(self) -> range:
@@ -389,8 +389,10 @@ class PipelineStage:
             self._extra_s += time.perf_counter() - start
 
     def _sync(self) -> None:
+        # The compute stream only: a device-wide sync would also wait for this rank's NCCL sends, which finish when
+        # the next stage takes them, and so would charge the next stage's time to this one.
         if self.pipe.device.type == "cuda":
-            torch.cuda.synchronize(self.pipe.device)
+            torch.cuda.current_stream(self.pipe.device).synchronize()
 
     def _gather_times(self) -> tuple[list[float], list[float]]:
         """(per-block seconds per forward, per-stage extra seconds per forward), from every rank's timers."""
@@ -422,8 +424,8 @@ class PipelineStage:
             "ms_predicted": [1e3 * t for t in predicted],
         }
         self.ranges = new
+        self._place_blocks()  # first: the text K/V of a block it gains come from that block's weights
         self.text = self.net.text_kv(self.embeds, self.layers)
-        self._place_blocks()
         if self.first:
             log.info(
                 "rebalance after forward %d: blocks %s -> %s; stage ms/forward before %s (slowest %.1f), "
