@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from conftest import assert_close
@@ -31,6 +30,8 @@ def make_cache(net, grid, sink, window, chunk, latent_shape=None) -> RollingKVCa
 
 def write_clip(path: Path, frames: np.ndarray, fps: int) -> Path:
     """Write uint8 RGB ``frames [T, H, W, 3]`` as an H.264 MP4 at ``fps``; returns ``path``."""
+    import av  # here: the GPU machine that runs test_multi_gpu.py has no PyAV
+
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"

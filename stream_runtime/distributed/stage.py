@@ -185,6 +185,7 @@ class PipelineStage:
     def _forward(self, f: int, items: list[tuple[int, int]]) -> None:
         if self.first:
             self._switch_first(f)
+            self._settle()
             start = time.perf_counter()
             x = torch.cat([self.inputs.pop(c) if p else self._noise(c, 0) for c, p in items])
             h = self.net.embed(x)
@@ -222,6 +223,7 @@ class PipelineStage:
     def _through(self, f: int, items: list[tuple[int, int]], h: torch.Tensor) -> None:
         """This stage's blocks over forward ``f``'s activations ``h``; then send on, or finish (last stage)."""
         fc = self.config.chunk_frames
+        self._settle()
         start = time.perf_counter()
         ts = [self.sigmas[p] * 1000.0 if p < self.steps else 0.0 for _, p in items]
         timesteps = torch.tensor(ts, dtype=torch.float32, device=self.pipe.device)
@@ -387,6 +389,15 @@ class PipelineStage:
         if self._timing:
             self._sync()
             self._extra_s += time.perf_counter() - start
+
+    def _settle(self) -> None:
+        """While timing, wait for what this stage received before its clocks start. On a GPU a receive only makes
+        the compute stream wait for the transfer, so without this the first kernels of the forward (and so the
+        first block's timer) absorb the wait for the previous stage: the 2-GPU run of 2026-11-23 timed the first
+        stage at 388 ms per forward for 15 blocks before a rebalance and 239 ms for 17 after it, and the balancer,
+        trusting the first figure, moved too few blocks off the last stage (which also decodes)."""
+        if self._timing:
+            self._sync()
 
     def _sync(self) -> None:
         # The compute stream only: a device-wide sync would also wait for this rank's NCCL sends, which finish when
