@@ -232,7 +232,13 @@ def write(row: dict, out: pathlib.Path) -> pathlib.Path:
     cols = ["gpus", "fps", "speedup", "ttff_s", "interval_s_p50", "interval_s_p99", "interval_s_std", "blocks"]
     cols += ["stage_ms_before", "stage_ms_after", "peak_mem_gib"]
     meta = {k: row[k] for k in ("date", "device", "torch", "model", "resolution", "attention", "decoder")}
-    lines = [f"{meta}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    title = ", ".join(f"{k} {v}" for k, v in meta.items())
+    lines = [
+        f"Pipeline over {row['gpus']} GPU(s): {title}",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
