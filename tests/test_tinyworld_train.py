@@ -138,6 +138,7 @@ def test_stages_chain_into_a_streamable_folder(tmp_path):
     assert np.isfinite(more["first_loss"])
     summary = export.export(str(vae_dir), str(dit_dir), str(out))
     assert summary["megabytes"] < export.MAX_MB
+    assert train_dit.load_trained_for(out) == train_dit.load_trained_for(dit_dir)  # --init from an exported model
 
     pipe = StreamPipeline.from_pretrained(out)
     assert pipe.default_resolution == (SIZE, SIZE)

@@ -55,7 +55,7 @@ def export(vae_dir: str, dit_dir: str, out: str, max_mb: float = MAX_MB) -> dict
     for stage, folder, name in (("vae", vae_dir, train_vae.LOG_FILE), ("dit", dit_dir, train_dit.LOG_FILE)):
         if (folder / name).is_file():
             logs[stage] = json.loads((folder / name).read_text())
-    (root / "training.json").write_text(json.dumps(logs, indent=2) + "\n")
+    (root / train_dit.EXPORT_LOG_FILE).write_text(json.dumps(logs, indent=2) + "\n")
     size = folder_mb(root)
     if size > max_mb:
         shutil.rmtree(root)

@@ -67,6 +67,8 @@ from .model import (
 from .train_data import LatentStreams, encode_streams
 
 LOG_FILE = "train_log.json"
+EXPORT_LOG_FILE = "training.json"
+"""What ``export`` writes beside the model: both stages' logs."""
 OBJECTIVES = ("teacher", "diffusion")
 
 
@@ -412,11 +414,19 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
 
 
 def load_trained_for(dit_folder: str | pathlib.Path) -> tuple[StreamConfig, int]:
-    """The stream and the resolution a ``train_dit`` output was trained for."""
-    path = pathlib.Path(dit_folder) / LOG_FILE
-    if not path.is_file():
-        raise ValueError(f"dit folder: expected {str(path)!r}, written by train_dit; it is missing")
-    log = json.loads(path.read_text())
+    """The stream and the resolution a ``train_dit`` output was trained for. Also takes a folder written by
+    ``export`` (``assets/tinyworld``: its ``training.json`` keeps the transformer's log), so a training run can
+    continue from the shipped model with ``--init assets/tinyworld``."""
+    folder = pathlib.Path(dit_folder)
+    path, exported = folder / LOG_FILE, folder / EXPORT_LOG_FILE
+    if path.is_file():
+        log = json.loads(path.read_text())
+    elif exported.is_file() and "dit" in json.loads(exported.read_text()):
+        log = json.loads(exported.read_text())["dit"]
+    else:
+        raise ValueError(
+            f"dit folder: expected {str(path)!r} (train_dit) or {str(exported)!r} (export): neither exists"
+        )
     return stream_from_fields(log["stream"]), int(log["config"]["size"])
 
 
