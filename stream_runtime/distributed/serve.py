@@ -30,7 +30,7 @@ from stream_runtime.serving.api import SessionUpdate
 from stream_runtime.serving.auth import resolve_token
 from stream_runtime.serving.engine import Engine, EngineConfig
 from stream_runtime.serving.outbox import Event, Outbox
-from stream_runtime.serving.server import build_app, create_server, urls
+from stream_runtime.serving.server import build_app, create_server, run_until_stopped, urls
 
 from .comm import Channel
 from .generate import init_process_group, load
@@ -148,12 +148,8 @@ def serve_rank0(
     if on_listen is not None:
         on_listen(bound)
     try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it caught once its graceful shutdown is done
+        run_until_stopped(server, sock, engine)
     finally:
-        engine.stop()
-        sock.close()
         try:
             ring.stop()
         except Exception:  # recorded as ring.failure

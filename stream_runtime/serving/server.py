@@ -505,6 +505,24 @@ def create_server(app, host: str = "127.0.0.1", port: int = 7860, log_level: str
     return uvicorn.Server(config), sock
 
 
+def run_until_stopped(server, sock: socket.socket, engine: Engine) -> None:
+    """Run ``server`` (from :func:`create_server`) on ``sock`` until it stops (Ctrl-C, or ``server.should_exit`` set
+    from another thread), then stop ``engine`` (sessions closed, thread joined) and close ``sock``, also when the
+    server fails.
+
+    uvicorn catches SIGINT and SIGTERM, shuts down gracefully, then raises the signal it caught again: a Ctrl-C
+    arrives here as a KeyboardInterrupt and is a normal stop. Any other exception propagates once the engine is
+    stopped.
+    """
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it caught once its graceful shutdown is done
+    finally:
+        engine.stop()
+        sock.close()
+
+
 def urls(host: str, port: int, app_path: str | None = None, token: str | None = None) -> dict[str, str]:
     """The URLs to print; with ``token`` those that need it carry it as ``?token=``."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -550,11 +568,5 @@ def serve(
     if host in ("0.0.0.0", "::"):
         print("  (listening on all interfaces: use this machine's address from elsewhere)")
     print("Press Ctrl-C to stop.", flush=True)
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it caught once its graceful shutdown is done
-    finally:
-        engine.stop()
-        sock.close()
+    run_until_stopped(server, sock, engine)
     print("stopped: sessions closed, engine thread joined")
