@@ -277,7 +277,7 @@ class RingSession:
         ring.session = None
 
         def drain():
-            self.stage._receive_results(self.next_forward - 1)
+            self.stage.drain_results(self.next_forward - 1)
             for chunk in range(self.chunk_index, max(self.chunk_index, self.next_forward - self.schedule.lag)):
                 self._frames(chunk)
             ring._control("close")

@@ -169,8 +169,8 @@ class PipelineStage:
                 self._rebalance(f)
             elif f == after_at:
                 self._report_after()
-        if self.first:  # take the last results too, so that no send of the last stage is left unreceived
-            self._receive_results(total - 1)
+        if self.first:
+            self.drain_results(total - 1)
         self.channel.flush()
 
     def _rebalance_forwards(self) -> tuple[int | None, int | None]:
@@ -209,6 +209,11 @@ class PipelineStage:
     def switch_at(self, f: int, prompt: str) -> None:
         """First stage: switch to ``prompt`` before forward ``f`` (which has not run yet); it travels the ring."""
         self.switches[f] = prompt
+
+    def drain_results(self, upto: int) -> None:
+        """First stage, at the end of a stream: receive the results of every forward up to ``upto`` that are still
+        in flight, so that no send of the last stage is left unreceived. A no-op on a single stage."""
+        self._receive_results(upto)
 
     def take(self, meta: dict, tensors: list[torch.Tensor]) -> None:
         """A later stage: handle one message of the previous stage (a forward or a prompt switch), in order."""
