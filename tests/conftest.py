@@ -37,6 +37,27 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+ENGINE_STOP_S = 60.0  # how long make_engine's teardown waits for an engine thread: a guard against hangs
+
+
+@pytest.fixture
+def make_engine(pipe):
+    """``make_engine(**config) -> Engine``: a serving engine (not started) with ``EngineConfig(**config)`` on the
+    test module's ``pipe`` fixture; every engine it made is stopped after the test."""
+    from stream_runtime.serving import Engine, EngineConfig  # here: most test modules never load the serving engine
+
+    engines = []
+
+    def make(**config) -> Engine:
+        engine = Engine(pipe, EngineConfig(**config))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop(timeout=ENGINE_STOP_S)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

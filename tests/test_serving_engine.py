@@ -18,7 +18,6 @@ from stream_runtime.serving import (
     ChunkOutput,
     Engine,
     EngineBusy,
-    EngineConfig,
     EngineStopped,
     Event,
     Outbox,
@@ -36,20 +35,6 @@ WAIT_S = 60.0  # a guard against hangs, never a synchronisation
 @pytest.fixture(scope="module")
 def pipe():
     return StreamPipeline.tiny_random(height=SIZE, width=SIZE)
-
-
-@pytest.fixture
-def make_engine(pipe):
-    engines = []
-
-    def make(**config) -> Engine:
-        engine = Engine(pipe, EngineConfig(**config))
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.stop(timeout=WAIT_S)
 
 
 def request(prompt="a red fox", **kw) -> SessionRequest:

@@ -16,7 +16,6 @@ from stream_runtime.serving.protocol import ProtocolError, parse_message, parse_
 from stream_runtime.serving.scheduler import SCHEDULES, SLOConfig
 
 SIZE = 32
-WAIT_S = 60.0
 GENEROUS_S = 1e6  # a target no run can miss
 IMPOSSIBLE_FPS = 1e9  # a chunk of frames every few nanoseconds
 
@@ -26,22 +25,13 @@ def pipe():
     return StreamPipeline.tiny_random(height=SIZE, width=SIZE)
 
 
-@pytest.fixture
-def make_engine(pipe):
-    engines = []
-
-    def make(**slo) -> Engine:
-        engine = Engine(pipe, EngineConfig(max_sessions=3, scheduler="slo", slo=SLOConfig(**slo)))
-        engines.append(engine)
-        return engine.start()
-
-    yield make
-    for engine in engines:
-        engine.stop(timeout=WAIT_S)
+def slo_engine(make_engine, **slo) -> Engine:
+    """A started engine with the SLO scheduler and up to three sessions; ``slo``: :class:`SLOConfig` fields."""
+    return make_engine(max_sessions=3, scheduler="slo", slo=SLOConfig(**slo)).start()
 
 
 def test_slo_engine_runs_sessions_to_their_targets_and_refuses_infeasible_ones(make_engine):
-    engine = make_engine()
+    engine = slo_engine(make_engine)
     calibration = engine.metrics()["scheduler"]["calibration"]
     assert calibration["pass_s"] > 0 and calibration["decode_s"] >= 0 and calibration["batch_forward_s"] > 0
     c = Collector(engine, 2)
@@ -68,7 +58,7 @@ def test_slo_engine_runs_sessions_to_their_targets_and_refuses_infeasible_ones(m
 
 
 def test_admitted_impossible_targets_are_reported_to_the_client_and_the_metrics(make_engine):
-    engine = make_engine(admission=False)
+    engine = slo_engine(make_engine, admission=False)
     c = Collector(engine)
     sid = engine.open(request(slo_fps=IMPOSSIBLE_FPS), c.outboxes[0])
     c.until(lambda: len(c.events(0, "slo_violation")) >= 2)
