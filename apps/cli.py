@@ -33,8 +33,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
-        help="diffusers-layout folder (default: the embedded tiny-world model in assets/tinyworld when it ships, "
-        "else a tiny random-weights model)",
+        help="diffusers-layout folder (default: the embedded tiny-world model in assets/tinyworld, or the tiny "
+        "random-weights model where that folder is missing)",
+    )
+    g.add_argument(
+        "--tiny-random",
+        action="store_true",
+        help="use the tiny random-weights model (moving noise, any prompt): checks an install or a launch in seconds",
     )
     g.add_argument("--checkpoint", help="original-format causal transformer checkpoint (.pt/.safetensors)")
     g.add_argument("--lora", help="LoRA file merged into --checkpoint on load (LongLive)")
@@ -55,14 +60,17 @@ def load_pipeline(args: argparse.Namespace):
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     model = args.model
+    if model is not None and args.tiny_random:
+        raise ValueError("--tiny-random and --model exclude each other")
     if model is None:
         if args.checkpoint:
             raise ValueError("--checkpoint needs --model FOLDER (the VAE, text encoder and tokenizer come from it)")
         from stream_runtime.pipelines.tinyworld.model import shipped_model_path
 
-        model = shipped_model_path()
+        model = None if args.tiny_random else shipped_model_path()
         if model is None:
-            print("No --model given: using the tiny random-weights model (moving noise, no trained content).")
+            why = "--tiny-random" if args.tiny_random else "No --model given and no assets/tinyworld"
+            print(f"{why}: using the tiny random-weights model (moving noise, no trained content).")
             pipe = StreamPipeline.tiny_random(device=args.device, dtype=dtype or torch.float32)
             pipe.set_decoder(args.decoder)
             return pipe

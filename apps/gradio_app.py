@@ -96,7 +96,7 @@ def _generation_tab(limits: dict, ws_path: str, token: str | None) -> None:
         with gr.Column(scale=2):
             prompt = gr.Textbox(
                 label="Prompt",
-                value="a red fox running through fresh snow, cinematic",
+                value=limits.get("example_prompt", ""),
                 lines=2,
                 elem_id="sr-prompt",
                 info="Enter: switch the prompt of the running stream (or start one)",

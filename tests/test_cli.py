@@ -7,6 +7,16 @@ from stream_runtime.apps import cli
 from stream_runtime.video_io import VideoWriter, read_video
 
 
+@pytest.fixture(autouse=True)
+def random_default_model(monkeypatch):
+    """These tests are about the command, not the model: without --model they get the tiny random-weights model
+    (open vocabulary, 3-frame chunks) whether or not assets/tinyworld ships (tests/test_tinyworld_shipped.py runs
+    the command on that one)."""
+    from stream_runtime.pipelines.tinyworld import model
+
+    monkeypatch.setattr(model, "shipped_model_path", lambda: None)
+
+
 def test_generate_writes_the_requested_frames(tmp_path, capsys):
     out = tmp_path / "clip.mp4"
     code = cli.main(

@@ -244,7 +244,19 @@ def test_torchrun_writes_the_same_mp4_as_the_single_process_cli(tmp_path):
     --stream-batch --stream-batch-stride 2` writes, byte for byte (same frames, same encoder settings)."""
     from stream_runtime.apps.cli import main as cli_main
 
-    common = ["--prompt", "a red fox", "--seconds", "1.5", "--fps", "8", "--height", "32", "--width", "32"]
+    common = [
+        "--tiny-random",
+        "--prompt",
+        "a red fox",
+        "--seconds",
+        "1.5",
+        "--fps",
+        "8",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ]
     common += ["--steps", "1000,500", "--chunk-frames", "1", "--window-frames", "3", "--sink-frames", "1"]
     common += ["--switch", "1:a blue sea"]
     single, multi = tmp_path / "single.mp4", tmp_path / "multi.mp4"

@@ -241,7 +241,8 @@ def test_pipeline_decoder_errors(tmp_path):
 def test_cli_generate_with_taehv(tmp_path, capsys):
     torch.save(_model().state_dict(), tmp_path / "taew_tiny.pth")
     out = tmp_path / "clip.mp4"
-    argv = ["generate", "--prompt", "a fox", "--seconds", "1", "--out", str(out), "--height", "32", "--width", "32"]
+    argv = ["generate", "--tiny-random", "--prompt", "a fox", "--seconds", "1", "--out", str(out)]
+    argv += ["--height", "32", "--width", "32"]
     assert cli.main([*argv, "--decoder", f"taehv:{tmp_path / 'taew_tiny.pth'}"]) == 0
     assert read_video(out).shape == (16, 32, 32, 3)
     assert cli.main([*argv, "--decoder", f"taehv:{tmp_path / 'missing.pth'}"]) == 2

@@ -73,6 +73,8 @@ sampler only decide which noise levels training favours and how a stream samples
 ASSET_NAME = "tinyworld"
 """Folder name of the embedded generator under ``assets/`` (``export --out assets/tinyworld``)."""
 
+EXAMPLE_PROMPT = "a medium red circle moving right and a small yellow square bouncing on a grey background"
+"""The prompt the app starts with for this model (a sentence of the world's grammar)."""
 UNKNOWN_WORDS = "error"
 """The model knows only the caption grammar's words: any other word is an error that lists the known ones."""
 
@@ -202,6 +204,7 @@ def runtime_defaults(stream: StreamConfig = STREAM, size: int = NATIVE_SIZE) -> 
         "fps": FPS,
         "max_text_tokens": max_text_tokens(),
         "unknown_words": UNKNOWN_WORDS,
+        "example_prompt": EXAMPLE_PROMPT,
         "stream_t2v": stream_fields(stream),
     }
 

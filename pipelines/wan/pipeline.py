@@ -32,6 +32,8 @@ from .vae_stream import StreamingVAEDecoder, tiny_vae_config
 RUNTIME_FILE = "stream_runtime.json"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 MODES = ("t2v", "v2v")
+EXAMPLE_PROMPT = "a red fox running through fresh snow, cinematic"
+"""The app's starting prompt for models with an open vocabulary (``StreamPipeline.example_prompt``)."""
 DECODER_VAE = "vae"
 """Decoder spec: the full Wan VAE (the default)."""
 DECODER_TAEHV_PREFIX = "taehv:"
@@ -109,6 +111,12 @@ class StreamPipeline:
     @property
     def default_resolution(self) -> tuple[int, int]:
         return int(self.defaults.get("height", 480)), int(self.defaults.get("width", 832))
+
+    @property
+    def example_prompt(self) -> str:
+        """A prompt this model understands (``stream_runtime.json``'s ``example_prompt``; models with a closed
+        vocabulary, such as the tiny-world one, set it), for the app's prompt box."""
+        return str(self.defaults.get("example_prompt", EXAMPLE_PROMPT))
 
     def stream_config(self, mode: str = "t2v", **overrides) -> StreamConfig:
         """The folder's stream settings for ``mode`` with ``overrides`` applied."""

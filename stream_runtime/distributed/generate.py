@@ -96,9 +96,10 @@ def init_process_group(timeout_s: float, cuda: bool | None = None) -> tuple[int,
 
 def load(args: argparse.Namespace, device: torch.device):
     from stream_runtime.apps.cli import DTYPES, load_pipeline
+    from stream_runtime.pipelines.tinyworld.model import shipped_model_path
     from stream_runtime.pipelines.wan.pipeline import StreamPipeline
 
-    if args.model is None:
+    if args.model is None and (args.tiny_random or shipped_model_path() is None):
         pipe = StreamPipeline.tiny_random(
             device=device, dtype=DTYPES[args.dtype] if args.dtype else torch.float32, num_layers=args.tiny_layers
         )

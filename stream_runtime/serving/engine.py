@@ -352,6 +352,7 @@ class Engine:
             "modes": list(MODES),
             "default_height": dh,
             "default_width": dw,
+            "example_prompt": self.pipe.example_prompt,
             "resolution_multiple": self.pipe.spatial_factor,
             "max_pixels": self.max_pixels,
             "max_steps": self.config.max_steps,
