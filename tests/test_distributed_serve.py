@@ -202,6 +202,17 @@ def test_frames_over_two_stages_equal_the_single_process_engine_with_a_prompt_sw
         assert any(not np.array_equal(frames, other[k]) for k, frames in client.chunks.items()), wrong
 
 
+def test_sigterm_on_rank_0_ends_every_rank_with_status_0(pipe):
+    ranks = Ranks(pipe)
+    try:
+        with connect(ranks.url, open_timeout=RECV_TIMEOUT_S) as ws:
+            Client(ws).event("hello")  # uvicorn serves: its signal handlers are in place
+        os.kill(ranks.procs[0].pid, signal.SIGTERM)  # what a process manager sends
+        assert ranks.exit_codes() == [0] * WORLD
+    finally:
+        ranks.kill()
+
+
 def test_a_dead_rank_ends_the_server_with_an_error_to_the_client(pipe):
     ranks = Ranks(pipe, die_at=9)  # after the first chunks are out
     try:

@@ -4,10 +4,16 @@ uvicorn server. The tiny random model at 32x32 with one denoising step."""
 import asyncio
 import io
 import json
+import signal
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -32,6 +38,8 @@ from stream_runtime.serving.server import build_app, create_server, urls
 from stream_runtime.video_io import read_video
 
 SIZE = 32
+SERVE_START_S = 120.0  # `stream-runtime serve` in a subprocess: imports, the tiny model, the socket
+SERVE_STOP_S = 60.0  # from the signal to the exit
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +309,31 @@ def test_serve_subcommand_wires_the_engine_config(monkeypatch, capsys):
             create_server(None, "127.0.0.1", taken.getsockname()[1])
         finally:
             taken.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_cleanly_on_ctrl_c_and_sigterm(sig):
+    """uvicorn raises the signal it caught again after its graceful shutdown; for SIGTERM that is the default
+    handler, which would kill the process before the engine is stopped. Both must end in the clean stop, status 0."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "stream_runtime.apps.cli", "serve", "--tiny-random", "--port", str(port), "--no-app"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + SERVE_START_S
+        while True:
+            assert proc.poll() is None, f"serve exited early: {proc.communicate()}"
+            assert time.monotonic() < deadline, f"no /health answer within {SERVE_START_S} s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=SERVE_STOP_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    assert "stopped: sessions closed, engine thread joined" in out, (out, err)

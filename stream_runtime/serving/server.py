@@ -25,8 +25,10 @@ import logging
 import pathlib
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -506,19 +508,30 @@ def create_server(app, host: str = "127.0.0.1", port: int = 7860, log_level: str
 
 
 def run_until_stopped(server, sock: socket.socket, engine: Engine) -> None:
-    """Run ``server`` (from :func:`create_server`) on ``sock`` until it stops (Ctrl-C, or ``server.should_exit`` set
-    from another thread), then stop ``engine`` (sessions closed, thread joined) and close ``sock``, also when the
-    server fails.
+    """Run ``server`` (from :func:`create_server`) on ``sock`` until it stops (Ctrl-C, SIGTERM, or
+    ``server.should_exit`` set from another thread), then stop ``engine`` (sessions closed, thread joined) and close
+    ``sock``, also when the server fails.
 
-    uvicorn catches SIGINT and SIGTERM, shuts down gracefully, then raises the signal it caught again: a Ctrl-C
-    arrives here as a KeyboardInterrupt and is a normal stop. Any other exception propagates once the engine is
-    stopped.
+    uvicorn catches SIGINT and SIGTERM, shuts down gracefully, restores the handlers it found, then raises the signal
+    it caught again: a Ctrl-C arrives here as a KeyboardInterrupt and is a normal stop. SIGTERM's default handler
+    would end the process right there, before the engine is stopped (and, on rank 0 of the distributed server,
+    before the other ranks are told), with a non-zero status; so while the server runs, a SIGTERM handler of ours
+    (in the main thread, the only one that can have one) takes it as a normal stop too, then the previous one is
+    put back. Any other exception propagates once the engine is stopped.
     """
+
+    def on_sigterm(signum, frame) -> None:
+        server.should_exit = True  # also when it comes before uvicorn's handlers are in place
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn re-raises the Ctrl-C it caught once its graceful shutdown is done
     finally:
+        if main_thread:  # None: a handler set from C, which Python cannot put back; the default one then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         engine.stop()
         sock.close()
 
@@ -548,8 +561,8 @@ def serve(
     token: str | None = None,
     limits: ClientLimits | None = None,
 ) -> None:
-    """Serve ``pipe`` until Ctrl-C: prints the URLs (``app_path``: where ``extra_mount`` put a UI, e.g. "/"),
-    then on Ctrl-C closes the sessions, joins the engine thread and empties the CUDA cache.
+    """Serve ``pipe`` until Ctrl-C or SIGTERM: prints the URLs (``app_path``: where ``extra_mount`` put a UI, e.g.
+    "/"), then on either closes the sessions, joins the engine thread, empties the CUDA cache and prints "stopped".
 
     ``token``: required from clients (see :mod:`.auth`); "auto" makes a random one and prints it in the URLs. A
     ``host`` other than loopback needs one: without it this raises a ValueError before loading anything else.
