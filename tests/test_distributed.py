@@ -174,8 +174,10 @@ def test_stages_equal_single_process_with_prompt_switch_and_forced_rebalance(pip
     assert [res["layers"] for res in results] == [list(r) for r in ranges_from_bounds(list(moved), LAYERS)]
 
 
-def test_stages_equal_single_process_bounded_no_context_pass(pipe, tmp_path):
+@pytest.mark.parametrize("sampler", ["renoise", "euler"])
+def test_stages_equal_single_process_bounded_no_context_pass(pipe, tmp_path, sampler):
     config = StreamConfig(
+        sampler=sampler,
         chunk_frames=2,
         sink_frames=1,
         window_frames=4,

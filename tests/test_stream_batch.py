@@ -137,7 +137,9 @@ def reference_stream(pipe, config, prompt, seed, num_chunks, switches=()):
             t = sigmas[p] * 1000.0 if p < steps else 0.0
             flow = net.forward_chunk(x, t, text, cache, c * fc, position_mode=config.position_mode)
             x0 = x if p == steps else sampling.to_x0(x, flow, sigmas[p])
-            if p + 1 < steps:
+            if p + 1 < steps and config.sampler == "euler":  # one Euler step of the flow ODE dx/dsigma = flow
+                state[c] = x + (sigmas[p + 1] - sigmas[p]) * flow
+            elif p + 1 < steps:
                 state[c] = sampling.add_noise(x0, pass_noise(seed, c, p + 1, x0.shape), sigmas[p + 1])
             elif p + 1 == steps and config.context_pass:
                 state[c] = x0
@@ -158,6 +160,14 @@ CASES = {
     ),
     "no-context": dict(chunk_frames=1, sink_frames=1, window_frames=2, timesteps=(1000, 600, 300), context_pass=False),
     "stride-2": dict(chunk_frames=1, sink_frames=1, window_frames=3, timesteps=(1000, 500), stream_batch_stride=2),
+    "stride-2-euler": dict(
+        chunk_frames=1,
+        sink_frames=1,
+        window_frames=3,
+        timesteps=(1000, 700, 400),
+        stream_batch_stride=2,
+        sampler="euler",
+    ),
     "stride-3-bounded": dict(
         chunk_frames=1,
         sink_frames=0,

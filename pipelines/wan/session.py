@@ -398,10 +398,11 @@ class StreamSession:
         """The step loop of one chunk; returns the clean latents (the context pass is :meth:`_flush_context`)."""
         for i, sigma in enumerate(sigmas):
             flow = self._forward(x, sigma * 1000.0, self.frame, step=i)
-            x0 = sampling.to_x0(x, flow.float(), sigma)
+            flow = flow.float()
+            x0 = sampling.to_x0(x, flow, sigma)
             if i + 1 < len(sigmas):
                 noise = self._randn(x0.shape)
-                x = sampling.next_sample(x0, x, flow.float(), sigma, sigmas[i + 1], noise, self.config.sampler)
+                x = sampling.next_sample(x0, x, flow, sigma, sigmas[i + 1], noise, self.config.sampler)
         return x0
 
     @torch.no_grad()

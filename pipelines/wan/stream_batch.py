@@ -107,17 +107,17 @@ class StreamBatchRunner:
             commit_item=commit_item,
             position_mode=config.position_mode,
             backend=config.attention_backend,
-        )
+        ).float()
         out = None
         for b, (chunk, p) in enumerate(items):
             if p == steps:  # the context pass: its input was the clean latents
                 x0 = xs[b]
             else:
-                x0 = sampling.to_x0(xs[b], flow[b : b + 1].float(), sigmas[p])
+                x0 = sampling.to_x0(xs[b], flow[b : b + 1], sigmas[p])
             if p + 1 < steps:
                 noise = pass_noise(s.seed, chunk, p + 1, x0.shape, s.pipe.device)
                 self.inputs[chunk] = sampling.next_sample(
-                    x0, xs[b], flow[b : b + 1].float(), sigmas[p], sigmas[p + 1], noise, config.sampler
+                    x0, xs[b], flow[b : b + 1], sigmas[p], sigmas[p + 1], noise, config.sampler
                 )
             elif p + 1 == steps and config.context_pass:
                 self.inputs[chunk] = x0

@@ -266,19 +266,19 @@ class PipelineStage:
     def _finish(self, f: int, items, h: torch.Tensor, cond, leaving: int | None) -> None:
         """Last stage: head, x0, next inputs back to the first stage, decode of the chunk that left."""
         start = time.perf_counter()
-        flow = self.net.head(h, cond)
+        flow = self.net.head(h, cond).float()
         # x0 = x - sigma * flow needs each chunk's pass input: the last stage made every one of them itself (as
         # re-noised or context-pass inputs) except a new chunk's noise, which it draws again.
         xs = [self._pass_inputs.pop(c) if p else self._noise(c, 0) for c, p in items]
         chunks, nexts, out = [], [], None
         for b, (c, p) in enumerate(items):
-            x0 = xs[b] if p == self.steps else sampling.to_x0(xs[b], flow[b : b + 1].float(), self.sigmas[p])
+            x0 = xs[b] if p == self.steps else sampling.to_x0(xs[b], flow[b : b + 1], self.sigmas[p])
             if p + 1 < self.steps:
                 nexts.append(
                     sampling.next_sample(
                         x0,
                         xs[b],
-                        flow[b : b + 1].float(),
+                        flow[b : b + 1],
                         self.sigmas[p],
                         self.sigmas[p + 1],
                         self._noise(c, p + 1),
