@@ -53,6 +53,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
+from results_table import write_markdown
 
 from stream_runtime.config import text_to_video_config
 from stream_runtime.distributed import Channel, PipelineStage, RunPlan, even_partition
@@ -212,14 +213,6 @@ def _stem(row: dict) -> str:
     return f"pipeline_{row['model']}_{row['attention']}_{gpu}x{row['gpus']}_{row['date']}"
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    return str(value)
-
-
 def write(row: dict, out: pathlib.Path) -> pathlib.Path:
     """JSON and markdown of the row, with the speed-up over the 1-GPU result of the same date in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -232,16 +225,7 @@ def write(row: dict, out: pathlib.Path) -> pathlib.Path:
     cols = ["gpus", "fps", "speedup", "ttff_s", "interval_s_p50", "interval_s_p99", "interval_s_std", "blocks"]
     cols += ["stage_ms_before", "stage_ms_after", "peak_mem_gib"]
     meta = {k: row[k] for k in ("date", "device", "torch", "model", "resolution", "attention", "decoder")}
-    title = ", ".join(f"{k} {v}" for k, v in meta.items())
-    lines = [
-        f"Pipeline over {row['gpus']} GPU(s): {title}",
-        "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
-    ]
-    lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    print(write_markdown(out / f"{stem}.md", f"Pipeline over {row['gpus']} GPU(s)", meta, cols, [row]), flush=True)
     return out / f"{stem}.json"
 
 

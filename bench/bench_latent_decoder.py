@@ -20,6 +20,7 @@ import time
 
 import torch
 from diffusers import AutoencoderKLWan
+from results_table import write_markdown
 
 from stream_runtime.pipelines.wan.taehv import TAEHV, StreamingTAEHVDecoder, TAEHVConfig
 from stream_runtime.pipelines.wan.vae_stream import StreamingVAEDecoder
@@ -105,11 +106,7 @@ def main() -> None:
     stem = f"latent_decoder_{meta['device'].replace(' ', '_')}_{meta['date']}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     cols = ["decoder", "height", "width", "chunk", "ms_per_latent_frame", "ms_per_latent_frame_min"]
-    lines = [f"{meta}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_markdown(out / f"{stem}.md", "Latent decoders", meta, cols, rows, digits=4))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from results_table import write_markdown
 from transformers import UMT5Config, UMT5EncoderModel
 
 from stream_runtime.config import text_to_video_config, video_to_video_config
@@ -213,11 +214,7 @@ def main() -> None:
         "dit_tflops",
         "peak_mem_gib",
     ]
-    lines = [f"{meta}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_markdown(out / f"{stem}.md", "Streaming benchmark", meta, cols, rows))
 
 
 if __name__ == "__main__":
