@@ -55,15 +55,17 @@ def test_pool_batches_are_the_datasets_clips():
     torch.testing.assert_close(batch, torch.stack([data.clip(int(r)) for r in rows]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("objective", train_dit.OBJECTIVES)
-def test_dit_loss_decreases_on_a_fixed_batch(objective):
+@pytest.mark.parametrize(
+    "objective,extra", [("teacher", {}), ("diffusion", {}), ("teacher", {"self_context_prob": 1.0})]
+)
+def test_dit_loss_decreases_on_a_fixed_batch(objective, extra):
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**model.vae_config(**TINY_VAE))
     stream = model.STREAM
     frames = model.stream_sequence_frames(stream)
     x0 = torch.randn(2, vae.config.z_dim, frames, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(1))
     captions = [caption(sample_spec(seed)) for seed in (200, 201)]
-    cfg = train_dit.DiTTrainConfig(vae="", out="", objective=objective, **TINY_DIT)
+    cfg = train_dit.DiTTrainConfig(vae="", out="", objective=objective, **TINY_DIT, **extra)
     tokenizer = model.build_tokenizer()
     wan, text_encoder = train_dit.build_models(cfg, vae, len(tokenizer))
     net = StreamingWanTransformer(wan)
@@ -244,3 +246,20 @@ def test_decoder_only_fine_tune_keeps_the_latent_space(tmp_path):
             for a, b in zip(getattr(before, name).parameters(), getattr(after, name).parameters(), strict=True)
         )
         assert same == (name != "decoder"), name
+
+
+def test_self_estimates_are_the_models_clean_estimates_of_the_data():
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**model.vae_config(**TINY_VAE))
+    cfg = train_dit.DiTTrainConfig(vae="", out="", **TINY_DIT)
+    wan, text_encoder = train_dit.build_models(cfg, vae, len(model.build_tokenizer()))
+    net = StreamingWanTransformer(wan)
+    stream = model.STREAM
+    frames = model.stream_sequence_frames(stream)
+    x0 = torch.randn(2, vae.config.z_dim, frames, SIZE // 8, SIZE // 8)
+    ids, mask = model.tokenize(model.build_tokenizer(), [caption(sample_spec(s)) for s in (5, 6)])
+    text_kv = net.text_kv(model.encode_tokens(text_encoder, ids, mask))
+    noiseless = train_dit.self_estimates(net, x0, text_kv, stream, 0.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noiseless, x0)  # at level 0 the estimate is the input itself
+    own = train_dit.self_estimates(net, x0, text_kv, stream, 0.6, torch.Generator().manual_seed(0))
+    assert own.shape == x0.shape and torch.isfinite(own).all() and not torch.allclose(own, x0)

@@ -111,6 +111,14 @@ class DiTTrainConfig:
     """Largest noise level added to context chunks (their timestep stays 0)."""
     context_prob: float = 0.5
     """``diffusion`` objective: share of the chunks before the last that are context."""
+    self_context_prob: float = 0.0
+    """``teacher`` objective: share of sequences whose context copy is the model's own clean estimate (one
+    no-grad pass over the sequence noised to a random level up to ``self_context_noise`` per chunk) instead of
+    the data: the stream caches the model's estimates, not the data, and its errors compound over a long stream
+    (exposure bias). The estimates stay aligned with the data, so the noisy chunks keep the data as target. Costs
+    one extra forward without gradients per step when > 0."""
+    self_context_noise: float = 0.6
+    """Largest noise level of the pass that makes the self-context estimates."""
     fresh_prob: float = 0.3
     """Share of sequences that are a stream's start (window right after the sinks)."""
     grid_prob: float = 0.5
@@ -219,6 +227,10 @@ def flow_loss(
     if cfg.objective == "teacher":
         x_t = sampling.add_noise(x0, noise, per_frame(sigma))
         x_ctx = sampling.add_noise(x0, randn(), per_frame(context_sigma))
+        if cfg.self_context_prob > 0:
+            own = self_estimates(net, x0, text_kv, stream, cfg.self_context_noise, generator)
+            use = (torch.rand(b, generator=generator) < cfg.self_context_prob).to(device)[:, None, None, None, None]
+            x_ctx = torch.where(use, own.to(x_ctx.dtype), x_ctx)
         seq = torch.cat([x_ctx, x_t], dim=2)
         t = torch.cat([torch.zeros(b, frames), 1000.0 * sigma.repeat_interleave(c, dim=1)], dim=1).to(device)
         mask = teacher_forcing_mask(frames, stream, device)
@@ -236,6 +248,28 @@ def flow_loss(
         weight = per_frame((~context).float()).expand_as(target)
         loss = ((pred.float() - target).pow(2) * weight).sum() / weight.sum().clamp_min(1.0)
     return loss, {"loss": loss.detach()}
+
+
+@torch.no_grad()
+def self_estimates(
+    net: StreamingWanTransformer,
+    x0: torch.Tensor,
+    text_kv,
+    stream: StreamConfig,
+    max_noise: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The model's clean estimates of ``x0 [B, C, T, h, w]``: each chunk noised to its own level in
+    ``[0, max_noise)``, one block-causal pass (each chunk sees the earlier noised chunks, as in diffusion forcing),
+    ``x0 = x - sigma * flow``. Data-aligned frames with the model's kind of error (see ``self_context_prob``)."""
+    b, _, frames = x0.shape[:3]
+    c = stream.chunk_frames
+    level = (torch.rand(b, frames // c, generator=generator) * max_noise).repeat_interleave(c, dim=1).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x = sampling.add_noise(x0, noise, level[:, None, :, None, None])
+    mask = block_causal_mask(frames, c, stream.sink_frames, stream.window_frames, device=x0.device)
+    flow = net.forward_full(x, 1000.0 * level, text_kv, frame_mask=mask)
+    return sampling.to_x0(x.float(), flow.float(), level[:, None, :, None, None])
 
 
 @torch.no_grad()
