@@ -22,7 +22,7 @@ import time
 import torch
 
 from stream_runtime.attention import available_backends
-from stream_runtime.config import POSITION_MODES, PROMPT_SWITCH_MODES
+from stream_runtime.config import POSITION_MODES, PROMPT_SWITCH_MODES, SAMPLERS
 
 CAPTIONER_THREADS = 1
 """The embedded captioner runs faster than real time on one thread; leave the other cores to decoding."""
@@ -90,7 +90,7 @@ def _stream_overrides(args: argparse.Namespace) -> dict:
     overrides = {}
     if args.steps:
         overrides["timesteps"] = tuple(float(t) for t in args.steps.split(","))
-    for name in ("chunk_frames", "sink_frames", "window_frames", "shift", "position_mode", "prompt_switch"):
+    for name in ("chunk_frames", "sink_frames", "window_frames", "shift", "sampler", "position_mode", "prompt_switch"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -268,6 +268,9 @@ def add_generate_args(gen: argparse.ArgumentParser) -> None:
     s = gen.add_argument_group("stream")
     s.add_argument("--steps", help="comma-separated step list before the shift, e.g. 1000,750,500,250")
     s.add_argument("--shift", type=float)
+    s.add_argument(
+        "--sampler", choices=SAMPLERS, help="renoise (distilled models) or euler (flow ODE); default: the model's"
+    )
     s.add_argument("--chunk-frames", type=int, dest="chunk_frames")
     s.add_argument("--sink-frames", type=int, dest="sink_frames")
     s.add_argument("--window-frames", type=int, dest="window_frames")
