@@ -30,6 +30,8 @@ Figures (from the last stage, which decodes):
 - ``stage_ms_before`` / ``_predicted`` / ``_after``: ms per forward of each stage (blocks + its own extra work:
   embedding, head, decode) in run 1, with ``blocks_start`` / ``blocks`` (block ranges before / after the rebalance;
   run 2 uses ``blocks``).
+- ``stage_wait_ms_before`` / ``_after``: ms per forward each stage waited for its input before its timers started
+  (on a GPU; on a CPU the blocking receive happens before and this reads about 0).
 - ``peak_mem_gib``: peak allocated GPU memory of each rank over run 2 (weights of its blocks, cache, activations).
 
 Writes JSON and a markdown table to ``--out`` (``pipeline_<model>_<attention>_<gpu>x<N>_<date>``). Every wait on
@@ -203,6 +205,8 @@ def run_rank(args: argparse.Namespace) -> dict | None:
         "stage_ms_before": report["ms_before"],
         "stage_ms_predicted": report["ms_predicted"],
         "stage_ms_after": report.get("ms_after"),
+        "stage_wait_ms_before": report.get("ms_wait_before"),
+        "stage_wait_ms_after": report.get("ms_wait_after"),
         "peak_mem_gib": peaks,
         "same_weights_on_all_ranks": same_weights,
     }

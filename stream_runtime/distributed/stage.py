@@ -140,6 +140,7 @@ class PipelineStage:
         self._timing = False
         self._block_s = [0.0] * num_layers
         self._extra_s = 0.0
+        self._wait_s = 0.0
         self._timed = 0
         self.report: dict = {}
         """Rebalance report (every rank): blocks and stage times (ms per forward) before, predicted, after."""
@@ -400,9 +401,12 @@ class PipelineStage:
         the compute stream wait for the transfer, so without this the first kernels of the forward (and so the
         first block's timer) absorb the wait for the previous stage: the 2-GPU run of 2026-11-23 timed the first
         stage at 388 ms per forward for 15 blocks before a rebalance and 239 ms for 17 after it, and the balancer,
-        trusting the first figure, moved too few blocks off the last stage (which also decodes)."""
+        trusting the first figure, moved too few blocks off the last stage (which also decodes). The wait itself is
+        kept apart (``report['ms_wait_*']``): how long a stage idles for its input per forward."""
         if self._timing:
+            start = time.perf_counter()
             self._sync()
+            self._wait_s += time.perf_counter() - start
 
     def _sync(self) -> None:
         # The compute stream only: a device-wide sync would also wait for this rank's NCCL sends, which finish when
@@ -410,19 +414,21 @@ class PipelineStage:
         if self.pipe.device.type == "cuda":
             torch.cuda.current_stream(self.pipe.device).synchronize()
 
-    def _gather_times(self) -> tuple[list[float], list[float]]:
-        """(per-block seconds per forward, per-stage extra seconds per forward), from every rank's timers."""
-        mine = torch.tensor([*self._block_s, self._extra_s], dtype=torch.float64) / max(self._timed, 1)
+    def _gather_times(self) -> tuple[list[float], list[float], list[float]]:
+        """(per-block seconds per forward, per-stage extra seconds per forward, per-stage seconds waited for input
+        per forward), from every rank's timers."""
+        mine = torch.tensor([*self._block_s, self._extra_s, self._wait_s], dtype=torch.float64) / max(self._timed, 1)
         rows = self.channel.all_gather(mine, "stage times")
         blocks = [float(rows[s][i]) for s, r in enumerate(self.ranges) for i in r]
-        extras = [float(row[-1]) for row in rows]
+        extras = [float(row[-2]) for row in rows]
+        waits = [float(row[-1]) for row in rows]
         self._block_s = [0.0] * self.net.num_layers
-        self._extra_s = 0.0
+        self._extra_s = self._wait_s = 0.0
         self._timed = 0
-        return blocks, extras
+        return blocks, extras, waits
 
     def _rebalance(self, f: int) -> None:
-        blocks, extras = self._gather_times()
+        blocks, extras, waits = self._gather_times()
         before = stage_times(self.ranges, blocks, extras)
         if self.plan.rebalance == "forced":
             new = ranges_from_bounds(list(self.plan.rebalance_to), self.net.num_layers)
@@ -438,6 +444,7 @@ class PipelineStage:
             "blocks_after": [[r.start, r.stop] for r in new],
             "ms_before": [1e3 * t for t in before],
             "ms_predicted": [1e3 * t for t in predicted],
+            "ms_wait_before": [1e3 * t for t in waits],
         }
         self.ranges = new
         self._place_blocks()  # first: the text K/V of a block it gains come from that block's weights
@@ -456,8 +463,9 @@ class PipelineStage:
             )
 
     def _report_after(self) -> None:
-        blocks, extras = self._gather_times()
+        blocks, extras, waits = self._gather_times()
         self.report["ms_after"] = [1e3 * t for t in stage_times(self.ranges, blocks, extras)]
+        self.report["ms_wait_after"] = [1e3 * t for t in waits]
         if self.first:
             log.info(
                 "stage ms/forward after the rebalance %s (slowest %.1f; before %.1f)",
