@@ -105,11 +105,12 @@ def stream_config(world: int, attention: str):
     return text_to_video_config(attention_backend=attention, stream_batch=True, stream_batch_stride=world)
 
 
-def run_chunks(measure: int, lag: int, warmup: int, timed: int) -> tuple[int, int]:
+def run_chunks(measure: int, lag: int, warmup: int, timed: int, rounds: int = 1) -> tuple[int, int]:
     """Chunks of run 1 (warm-up and balance) and run 2 (timed) so that every timed forward is a full batch: in run
-    1 the forwards ``lag + 1 .. lag + 2*measure``, in run 2 the leave forwards of chunks ``warmup .. warmup+timed``
-    (a forward is full when it is past the warm-up, ``f >= lag``, and a new chunk enters, ``f < chunks``)."""
-    return lag + 2 * measure + 1, warmup + timed + lag + 1
+    1 the forwards ``lag + 1 .. lag + (rounds + 1) * measure`` (one window per rebalance round, one for the
+    report), in run 2 the leave forwards of chunks ``warmup .. warmup+timed`` (a forward is full when it is past
+    the warm-up, ``f >= lag``, and a new chunk enters, ``f < chunks``)."""
+    return lag + (rounds + 1) * measure + 1, warmup + timed + lag + 1
 
 
 def _barrier(channel: Channel, what: str) -> None:
@@ -130,7 +131,8 @@ def run_rank(args: argparse.Namespace) -> dict | None:
 
     config = stream_config(world, args.attention)
     lag = StreamBatchSchedule(passes_of(config), world).lag
-    chunks1, chunks2 = run_chunks(args.measure_forwards, lag, args.warmup, args.chunks)
+    rounds = args.rebalance_rounds if args.rebalance == "auto" else 1
+    chunks1, chunks2 = run_chunks(args.measure_forwards, lag, args.warmup, args.chunks, rounds)
     num_layers = pipe.net.num_layers
     start = tuple(r.start for r in even_partition(num_layers, world)[1:]) if args.bounds is None else args.bounds
     plan = dict(prompt=PROMPT, seed=SEED, height=args.height, width=args.width, config=config, timeout_s=args.timeout)
@@ -148,7 +150,9 @@ def run_rank(args: argparse.Namespace) -> dict | None:
         return on_chunk if last else None
 
     # Run 1: warm-up, stage times, rebalance ("forced" to the same blocks times the stages without moving any).
-    rebalance = {"rebalance": "auto"} if args.rebalance == "auto" else {"rebalance": "forced", "rebalance_to": start}
+    rebalance = {"rebalance": "forced", "rebalance_to": start}
+    if args.rebalance == "auto":
+        rebalance = {"rebalance": "auto", "rebalance_rounds": rounds}
     plan1 = RunPlan(num_chunks=chunks1, bounds=start, measure_forwards=args.measure_forwards, **rebalance, **plan)
     stage = PipelineStage(pipe, plan1, rank, world, channel, on_chunk=collect(0))
     stage.run()
@@ -204,6 +208,7 @@ def run_rank(args: argparse.Namespace) -> dict | None:
         "blocks": report["blocks_after"],
         "stage_ms_before": report["ms_before"],
         "stage_ms_predicted": report["ms_predicted"],
+        "rebalance_rounds": report.get("rounds"),
         "stage_ms_after": report.get("ms_after"),
         "stage_wait_ms_before": report.get("ms_wait_before"),
         "stage_wait_ms_after": report.get("ms_wait_after"),
@@ -265,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebalance", choices=["auto", "off"], default="auto", help="move blocks after run 1's timing")
     ap.add_argument("--bounds", type=_bounds, help="inner block boundaries at the start, e.g. 10 for 2 stages (even)")
     ap.add_argument("--measure-forwards", type=int, default=4, dest="measure_forwards", help="forwards timed in run 1")
+    ap.add_argument(
+        "--rebalance-rounds", type=int, default=2, dest="rebalance_rounds", help="auto: rebalances in run 1"
+    )
     ap.add_argument("--attention", default="sdpa")
     ap.add_argument("--decoder", choices=["vae", "taehv"], default="vae", help="vae, or TAEHV with random weights")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds any wait on another rank may take")

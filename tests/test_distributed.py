@@ -187,13 +187,27 @@ def test_stages_equal_single_process_bounded_no_context_pass(pipe, tmp_path, sam
         stream_batch=True,
         stream_batch_stride=2,
     )
-    num_chunks = 5
+    num_chunks = 7
     switches = [(2, "a green snow")]
     reference = single_process(pipe, config, num_chunks, switches)
     results = distributed(
-        pipe, config, 2, num_chunks, tmp_path, switches=switches, rebalance="auto", measure_forwards=2
+        pipe,
+        config,
+        2,
+        num_chunks,
+        tmp_path,
+        switches=switches,
+        rebalance="auto",
+        measure_forwards=2,
+        rebalance_rounds=2,
     )
     assert_same_chunks(results[-1]["chunks"], reference)
+    report = results[0]["report"]  # two rounds, each from the blocks the last one left
+    assert [r["forward"] for r in report["rounds"]] == [report["rounds"][0]["forward"] + k * 2 for k in range(2)]
+    assert report["rounds"][1]["blocks_before"] == report["rounds"][0]["blocks_after"]
+    assert report["blocks_before"] == report["rounds"][0]["blocks_before"]
+    final = [[res["layers"][0], res["layers"][-1] + 1] for res in results]
+    assert report["blocks_after"] == report["rounds"][1]["blocks_after"] == final
 
 
 def test_a_dead_rank_ends_the_run_with_a_clear_error(tmp_path):

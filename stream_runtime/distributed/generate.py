@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--rebalance-to", dest="rebalance_to", help="block boundaries after a forced rebalance")
     g.add_argument("--rebalance-at", type=int, dest="rebalance_at", help="forward after which to rebalance")
+    g.add_argument(
+        "--rebalance-rounds",
+        type=int,
+        default=2,
+        dest="rebalance_rounds",
+        help="auto: rebalance this many times, each on the stage times since the last (default 2)",
+    )
     g.add_argument("--measure-forwards", type=int, default=4, dest="measure_forwards", help="forwards timed")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds any wait on another rank may take")
     g.add_argument("--tiny-layers", type=int, default=2, dest="tiny_layers", help="blocks of the built-in tiny model")
@@ -135,6 +142,7 @@ def make_plan(args: argparse.Namespace, pipe, world: int) -> RunPlan:
         rebalance_to=_bounds(args.rebalance_to),
         rebalance_at=args.rebalance_at,
         measure_forwards=args.measure_forwards,
+        rebalance_rounds=args.rebalance_rounds if args.rebalance == "auto" else 1,
         timeout_s=args.timeout,
     )
 
