@@ -94,6 +94,10 @@ def _stream_overrides(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
+    if args.guidance_scale is not None:
+        overrides["guidance_scale"] = args.guidance_scale
+    if args.negative_prompt is not None:
+        overrides["negative_prompt"] = args.negative_prompt
     if args.attention:
         overrides["attention_backend"] = args.attention
     if args.attention_reuse is not None:
@@ -270,6 +274,15 @@ def add_generate_args(gen: argparse.ArgumentParser) -> None:
     s.add_argument("--shift", type=float)
     s.add_argument(
         "--sampler", choices=SAMPLERS, help="renoise (distilled models) or euler (flow ODE); default: the model's"
+    )
+    s.add_argument(
+        "--guidance-scale",
+        type=float,
+        dest="guidance_scale",
+        help="classifier-free guidance (1 off; > 1 doubles the denoising batch); default: the model's",
+    )
+    s.add_argument(
+        "--negative-prompt", dest="negative_prompt", help="what guidance steers away from (default: the empty prompt)"
     )
     s.add_argument("--chunk-frames", type=int, dest="chunk_frames")
     s.add_argument("--sink-frames", type=int, dest="sink_frames")

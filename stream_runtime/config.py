@@ -68,6 +68,14 @@ class StreamConfig:
     """How a chunk goes from one step to the next: ``renoise`` (fresh noise: the distilled few-step models this
     runtime targets) or ``euler`` (the flow ODE: models trained by plain flow matching, such as the tiny-world
     model). See :func:`stream_runtime.pipelines.wan.sampling.next_sample`."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance: each step's flow is ``uncond + guidance_scale * (cond - uncond)``, the prompt's
+    prediction pushed away from the ``negative_prompt``'s. 1 disables it (one pass per step). Above 1 every pass
+    (steps, context pass, recache) runs on a batch of two, the prompt and the negative prompt, each row with its
+    own cache of the same frames, so a chunk costs about twice the denoising. Only for models trained with
+    caption dropout, such as the tiny-world model; the distilled few-step checkpoints are not: keep 1."""
+    negative_prompt: str = ""
+    """What guidance steers away from; ``""`` is the unconditional (empty) prompt."""
     stream_batch: bool = False
     """Run the passes of successive chunks as one batch (StreamDiffusionV2's stream batch): one forward advances
     every chunk in flight by one pass, so a chunk comes out per forward after a warm-up. A chunk attends to the
@@ -123,11 +131,25 @@ class StreamConfig:
                 "stream_batch does not support attention_reuse (each chunk in a batch is at its own step); "
                 "set attention_reuse=0"
             )
+        if not isinstance(self.guidance_scale, (int, float)) or not self.guidance_scale >= 1.0:
+            raise ValueError(f"guidance_scale must be a number >= 1 (1 disables guidance), got {self.guidance_scale!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string ('' = unconditional), got {self.negative_prompt!r}")
+        if self.stream_batch and self.guided:
+            raise ValueError(
+                "stream_batch does not support classifier-free guidance (its batch holds chunks at different passes); "
+                "set guidance_scale=1"
+            )
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         lo, hi = self.motion_strength_range
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"motion_strength_range must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
+
+    @property
+    def guided(self) -> bool:
+        """True when classifier-free guidance is on (``guidance_scale != 1``)."""
+        return self.guidance_scale != 1.0
 
     @property
     def cache_frames(self) -> int:

@@ -121,6 +121,9 @@ class DiTTrainConfig:
     """Largest noise level of the pass that makes the self-context estimates."""
     fresh_prob: float = 0.3
     """Share of sequences that are a stream's start (window right after the sinks)."""
+    uncond_prob: float = 0.0
+    """Share of sequences trained with the empty prompt (caption dropout), so that the model also learns the
+    unconditional flow that classifier-free guidance (``StreamConfig.guidance_scale``) steers away from."""
     grid_prob: float = 0.5
     """Share of chunk noise levels taken from the stream's shifted step list."""
     train_shift: float = 1.0
@@ -250,6 +253,16 @@ def flow_loss(
     return loss, {"loss": loss.detach()}
 
 
+def caption_dropout(batch: int, prob: float, generator: torch.Generator) -> torch.Tensor | None:
+    """Rows ``[batch]`` (bool) that train with the empty prompt this step, or None when ``prob`` is 0: then the
+    generator is not drawn from, so runs without caption dropout repeat the runs from before it existed."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"uncond_prob: expected a probability in [0, 1], got {prob}")
+    if prob == 0.0:
+        return None
+    return torch.rand(batch, generator=generator) < prob
+
+
 @torch.no_grad()
 def self_estimates(
     net: StreamingWanTransformer,
@@ -372,14 +385,27 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
     grid = torch.tensor(sampling.sigmas_for(stream.timesteps, stream.shift), dtype=torch.float32)
     n = latents.shape[0]
 
+    empty_ids, empty_attn = (t.to(device) for t in tokenize(tokenizer, [""]))  # the unconditional prompt
+    if cfg.text == "frozen":
+        with torch.no_grad():
+            empty_embeds = encode_tokens(text_encoder, empty_ids, empty_attn)
+
     def batch_at(rows: torch.Tensor) -> tuple[torch.Tensor, list]:
         frames = sequence_frames(len(rows), stream, latents.shape[2], cfg.fresh_prob, generator).to(device)
         rows = rows.to(device)
         x0 = latents[rows[:, None], :, frames].permute(0, 2, 1, 3, 4)  # [B, C, T, h, w]
+        drop = caption_dropout(len(rows), cfg.uncond_prob, generator)
         if cfg.text == "train":
-            embeds = encode_tokens(text_encoder, ids[rows], attn[rows])
+            row_ids, row_attn = ids[rows], attn[rows]
+            if drop is not None:
+                drop = drop.to(device)
+                row_ids = torch.where(drop[:, None], empty_ids, row_ids)
+                row_attn = torch.where(drop[:, None], empty_attn, row_attn)
+            embeds = encode_tokens(text_encoder, row_ids, row_attn)
         else:
             embeds = frozen_embeds[rows]
+            if drop is not None:
+                embeds = torch.where(drop.to(device)[:, None, None], empty_embeds, embeds)
         return x0, net.text_kv(embeds)
 
     budget = cfg.minutes * 60 * (1 - common.SAVE_RESERVE) - (time.perf_counter() - stage_start)

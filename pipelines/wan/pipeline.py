@@ -190,6 +190,10 @@ class StreamPipeline:
         """Prompt embeddings ``[1, max_tokens, text_dim]`` (cached per prompt)."""
         return self.prompts(prompt)
 
+    def encode_negative_prompt(self, prompt: str) -> torch.Tensor:
+        """Embeddings of a guidance negative prompt; ``""`` (the unconditional prompt) is allowed here."""
+        return self.prompts(prompt, allow_empty=True)
+
     def session(
         self,
         prompt: str,

@@ -79,10 +79,11 @@ class StreamSession:
         self.latent_shape = (pipe.vae.config.z_dim, height // vae_factor, width // vae_factor)
         grid = self.net.grid(*self.latent_shape[1:])
         layout = CacheLayout(grid[0] * grid[1], config.sink_frames, config.window_frames, config.chunk_frames)
+        self._branches = 2 if config.guided else 1  # guidance: row 0 follows the prompt, row 1 the negative prompt
         self.cache = RollingKVCache(
             layout,
             num_layers=self.net.num_layers,
-            batch=1,
+            batch=self._branches,
             heads=self.net.heads,
             head_dim=self.net.head_dim,
             latent_shape=self.latent_shape,
@@ -95,8 +96,9 @@ class StreamSession:
         self.encoder = StreamingVAEEncoder(pipe.vae) if mode == "v2v" else None
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seed = seed
+        self._negative = pipe.encode_negative_prompt(config.negative_prompt) if config.guided else None
         self._embeds = pipe.encode_prompt(prompt)
-        self._text = self.net.text_kv(self._embeds)
+        self._text = self._text_kv(self._embeds)
         self.prompt = prompt
         self._blend: dict | None = None
         self._sigmas = sampling.sigmas_for(config.timesteps, config.shift)
@@ -158,7 +160,7 @@ class StreamSession:
             self._blend = {"old": self._embeds, "new": new, "total": blend, "done": 0}
             return
         self._blend = None
-        self._embeds, self._text = new, self.net.text_kv(new)
+        self._embeds, self._text = new, self._text_kv(new)
         policy = self.config.prompt_switch
         if policy == "reset":
             self.cache.reset()
@@ -185,11 +187,20 @@ class StreamSession:
         changed = [f for f in self._FIXED_FIELDS if getattr(config, f) != getattr(self.config, f)]
         if changed:
             raise ValueError(f"cannot change {changed} on a live session; open a new session instead")
+        if config.guided != self.config.guided:
+            raise ValueError(
+                "guidance cannot be turned on or off on a live session (it sets the cache's batch); keep "
+                f"guidance_scale {'> 1' if self.config.guided else '= 1'} or open a new session"
+            )
         if self._stream_batch is not None and passes_of(config) != passes_of(self.config):
             raise ValueError(
                 "a stream-batch session cannot change its number of passes (len(timesteps) + context_pass) while "
                 "chunks are in flight; keep the step count and context_pass, or open a new session"
             )
+        if config.guided and config.negative_prompt != self.config.negative_prompt:
+            self._negative = self.pipe.encode_negative_prompt(config.negative_prompt)
+            self.config = config
+            self._text = self._text_kv(self._embeds)
         self.config = config
         self._sigmas = sampling.sigmas_for(config.timesteps, config.shift)
 
@@ -300,6 +311,16 @@ class StreamSession:
         if self.closed:
             raise ValueError("this session is closed; open a new one with pipe.session(...)")
 
+    def _text_kv(self, embeds: torch.Tensor):
+        """Cross-attention K/V of the prompt ``embeds``; with guidance, of the batch [prompt, negative prompt]."""
+        if self._negative is not None:
+            embeds = torch.cat([embeds, self._negative.to(embeds.dtype)])
+        return self.net.text_kv(embeds)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [1, ...]`` as the cache's batch: one row per guidance branch (a broadcast view, no copy)."""
+        return x.expand(self._branches, *x.shape[1:])
+
     def _forward(self, x: torch.Tensor, t, first_frame: int, step: int | None = None) -> torch.Tensor:
         """One pass over a chunk; ``step`` is the denoising step (None: a context or recache pass, always exact)."""
         extra = {}
@@ -329,7 +350,7 @@ class StreamSession:
             embeds = sampling.slerp(b["old"], b["new"], w)
         else:
             embeds = torch.lerp(b["old"].float(), b["new"].float(), w).to(b["new"].dtype)
-        self._embeds, self._text = embeds, self.net.text_kv(embeds)
+        self._embeds, self._text = embeds, self._text_kv(embeds)
         if b["done"] >= b["total"]:
             self._blend = None
 
@@ -396,9 +417,12 @@ class StreamSession:
 
     def _denoise(self, x: torch.Tensor, sigmas: list) -> torch.Tensor:
         """The step loop of one chunk; returns the clean latents (the context pass is :meth:`_flush_context`)."""
+        scale = self.config.guidance_scale
         for i, sigma in enumerate(sigmas):
-            flow = self._forward(x, sigma * 1000.0, self.frame, step=i)
-            flow = flow.float()
+            flow = self._forward(self._rows(x), sigma * 1000.0, self.frame, step=i).float()
+            if self.config.guided:
+                cond, uncond = flow[:1], flow[1:]
+                flow = uncond + scale * (cond - uncond)
             x0 = sampling.to_x0(x, flow, sigma)
             if i + 1 < len(sigmas):
                 noise = self._randn(x0.shape)
@@ -423,8 +447,8 @@ class StreamSession:
         self._pending_context = None
         with self._phase("context_s"):
             if self.config.context_pass:
-                self._forward(x0, 0.0, first_frame)
-        self.cache.commit(first_frame, x0.shape[2], latents=x0)
+                self._forward(self._rows(x0), 0.0, first_frame)
+        self.cache.commit(first_frame, x0.shape[2], latents=self._rows(x0))
 
     @contextlib.contextmanager
     def _phase(self, name: str):

@@ -64,14 +64,17 @@ class PromptEncoder:
         raise ValueError(f"prompt has words this model does not know: {unknown}.{listing}")
 
     @torch.no_grad()
-    def __call__(self, prompt: str) -> torch.Tensor:
-        if not isinstance(prompt, str) or not prompt.strip():
+    def __call__(self, prompt: str, allow_empty: bool = False) -> torch.Tensor:
+        """Embeddings ``[1, max_tokens, d_model]`` of ``prompt``; ``allow_empty`` admits ``""`` (the unconditional
+        prompt of classifier-free guidance: the end-of-sequence token alone, as caption dropout trains it)."""
+        if not isinstance(prompt, str) or (not prompt.strip() and not allow_empty):
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
         prompt = " ".join(prompt.split())
         if prompt in self._cache:
             self._cache.move_to_end(prompt)
             return self._cache[prompt]
-        self._check_words(prompt)
+        if prompt:
+            self._check_words(prompt)
         enc = self.tokenizer(
             prompt,
             padding="max_length",
