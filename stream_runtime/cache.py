@@ -80,6 +80,7 @@ class RollingKVCache:
         if layout.ring_frames < 0:
             raise ValueError(f"window_frames ({layout.window_frames}) must be >= chunk_frames ({layout.chunk_frames})")
         self.layout = layout
+        self.batch = batch
         self.layers = layers if layers is not None else range(num_layers)
         shape = (batch, layout.capacity_tokens, heads, head_dim)
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in self.layers}

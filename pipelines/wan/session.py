@@ -391,43 +391,54 @@ class StreamSession:
     def _generate_latents(self) -> torch.Tensor | None:
         """:meth:`generate_latents` with the chunk's context pass left pending (see :meth:`_flush_context`)."""
         self._check_open()
-        f = self.config.chunk_frames
         if self._stream_batch is not None:
+            f = self.config.chunk_frames
             with self._phase("denoise_s"):
                 chunk, x0 = self._stream_batch.next_latents()
             self.frame = (chunk + 1) * f
             self.chunk_index = chunk + 1
             self._end_drained_batch()
             return x0
+        start = self._start_chunk()
+        if start is None:
+            return None
+        x, sigmas = start
+        with self._phase("denoise_s"):
+            for i, sigma in enumerate(sigmas):
+                flow = self._forward(self._rows(x), sigma * 1000.0, self.frame, step=i)
+                x0, x = self._advance(x, flow, sigmas, i)
+        self._end_chunk(x0)
+        return x0
+
+    # The pieces of a sequential chunk, also run by ``batching.next_chunks`` for sessions that share forwards.
+
+    def _start_chunk(self) -> tuple[torch.Tensor, list] | None:
+        """Run the last chunk's context pass, advance a blend, and return the chunk's start: (latents ``[1, C, F,
+        h, w]`` at the first step, sigmas), or None for video-to-video without enough input."""
         self._flush_context()
         self._advance_blend()
         if self.mode == "v2v":
-            start = self._v2v_start()
-            if start is None:
-                return None
-            x, sigmas = start
-        else:
-            x, sigmas = self._randn((1, self.latent_shape[0], f, *self.latent_shape[1:])), self._sigmas
-        with self._phase("denoise_s"):
-            x0 = self._denoise(x, sigmas)
-        self._pending_context = (x0, self.frame)
-        self.frame += f
-        self.chunk_index += 1
-        return x0
+            return self._v2v_start()
+        f = self.config.chunk_frames
+        return self._randn((1, self.latent_shape[0], f, *self.latent_shape[1:])), self._sigmas
 
-    def _denoise(self, x: torch.Tensor, sigmas: list) -> torch.Tensor:
-        """The step loop of one chunk; returns the clean latents (the context pass is :meth:`_flush_context`)."""
-        scale = self.config.guidance_scale
-        for i, sigma in enumerate(sigmas):
-            flow = self._forward(self._rows(x), sigma * 1000.0, self.frame, step=i).float()
-            if self.config.guided:
-                cond, uncond = flow[:1], flow[1:]
-                flow = uncond + scale * (cond - uncond)
-            x0 = sampling.to_x0(x, flow, sigma)
-            if i + 1 < len(sigmas):
-                noise = self._randn(x0.shape)
-                x = sampling.next_sample(x0, x, flow, sigma, sigmas[i + 1], noise, self.config.sampler)
-        return x0
+    def _advance(self, x: torch.Tensor, flow: torch.Tensor, sigmas: list, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``i``: from the pass's ``flow`` (one row per guidance branch) to (clean estimate, next sample)."""
+        flow = flow.float()
+        if self.config.guided:
+            cond, uncond = flow[:1], flow[1:]
+            flow = uncond + self.config.guidance_scale * (cond - uncond)
+        x0 = sampling.to_x0(x, flow, sigmas[i])
+        if i + 1 < len(sigmas):
+            noise = self._randn(x0.shape)
+            x = sampling.next_sample(x0, x, flow, sigmas[i], sigmas[i + 1], noise, self.config.sampler)
+        return x0, x
+
+    def _end_chunk(self, x0: torch.Tensor) -> None:
+        """The chunk is denoised: its context pass is pending (:meth:`_flush_context`), the stream moves on."""
+        self._pending_context = (x0, self.frame)
+        self.frame += self.config.chunk_frames
+        self.chunk_index += 1
 
     @torch.no_grad()
     def _flush_context(self) -> None:
@@ -469,6 +480,10 @@ class StreamSession:
         x0 = self._generate_latents()  # the context pass runs at the start of the next call, after this decode
         if x0 is None:
             return None
+        return self._emit(x0, start)
+
+    def _emit(self, x0: torch.Tensor, start: float) -> np.ndarray:
+        """Decode the chunk ``x0`` to uint8 frames and record :attr:`last_chunk` (``start``: its perf_counter)."""
         with self._phase("decode_s"):
             pixels = self.decoder.decode(x0.to(self._decode_dtype))  # [1, 3, T, H, W] in [-1, 1]
         frames = ((pixels[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)

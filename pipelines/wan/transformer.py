@@ -212,34 +212,79 @@ class StreamingWanTransformer(nn.Module):
         The chunk attends to every frame the cache keeps and to all of its own tokens; its K/V go to the cache's
         scratch region, and :meth:`RollingKVCache.commit` keeps them once the caller is done with the chunk.
         """
+        return self.forward_streams(x, timestep, [text], [cache], [first_frame], position_mode, backend, **attn_kwargs)
+
+    def forward_streams(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        texts: list[TextKV],
+        caches: list[RollingKVCache],
+        first_frames: list[int],
+        position_mode: str = "absolute",
+        backend: str = "sdpa",
+        **attn_kwargs,
+    ) -> torch.Tensor:
+        """:meth:`forward_chunk` for the chunks of several streams in one forward (sessions sharing a forward).
+
+        The rows of ``x`` belong to the streams in order, ``caches[i].batch`` rows to stream ``i``, whose prompt
+        K/V are ``texts[i]`` (the same rows) and whose chunk starts at its frame ``first_frames[i]``. The linear
+        layers run on all rows at once; self-attention runs per stream, against that stream's own cache (its own
+        kept frames, fill state and positions), so each stream gets what :meth:`forward_chunk` would give it alone.
+
+        Example::
+
+            flow = net.forward_streams(torch.cat([xa, xb]), t, [text_a, text_b], [cache_a, cache_b], [12, 3])
+        """
         b, _, frames, lh, lw = x.shape
+        if not len(texts) == len(caches) == len(first_frames) >= 1:
+            raise ValueError(
+                f"give one text, cache and first frame per stream; got {len(texts)}, {len(caches)}, {len(first_frames)}"
+            )
+        rows = [b] if len(caches) == 1 else [cache.batch for cache in caches]
+        if sum(rows) != b:
+            raise ValueError(f"latents have {b} rows but the caches hold {rows} (one row per cache batch entry)")
+        if len(caches) > 1 and attn_kwargs:
+            raise ValueError(f"per-stream attention state {sorted(attn_kwargs)} cannot be shared by several streams")
         grid = self.grid(lh, lw)
         tokens_per_frame = grid[0] * grid[1]
-        if cache.layout.frame_tokens != tokens_per_frame:
-            raise ValueError(
-                f"cache was built for {cache.layout.frame_tokens} tokens per frame, latents give {tokens_per_frame}"
-            )
+        for cache in caches:
+            if cache.layout.frame_tokens != tokens_per_frame:
+                raise ValueError(
+                    f"cache was built for {cache.layout.frame_tokens} tokens per frame, latents give {tokens_per_frame}"
+                )
         temb, mod = self._time(timestep, b, frames)
         h = self._embed(x)
-        q_pos = cache.chunk_positions(first_frame, frames // self.patch_size[0], position_mode)
-        q_cos, q_sin = self._rope(q_pos, grid)
-        k_cos = k_sin = None
-        if position_mode == "bounded":
-            # Cached keys are stored unrotated in this mode: their positions change as the window slides.
-            k_cos, k_sin = self._rope(cache.slot_positions("bounded") + q_pos, grid)
+        ropes = []
+        for cache, first_frame in zip(caches, first_frames, strict=True):
+            q_pos = cache.chunk_positions(first_frame, frames // self.patch_size[0], position_mode)
+            # Bounded mode stores cached keys unrotated: their positions change as the window slides.
+            k_rope = self._rope(cache.slot_positions("bounded") + q_pos, grid) if position_mode == "bounded" else None
+            ropes.append((self._rope(q_pos, grid), k_rope))
+        text = (
+            texts[0]
+            if len(texts) == 1
+            else [tuple(torch.cat(kv) for kv in zip(*per, strict=True)) for per in zip(*texts, strict=True)]
+        )
 
         for i, block in enumerate(self.wan.blocks):
 
             def self_attn(q, k, v, layer=i):
-                q = apply_rope(q, q_cos, q_sin)
-                if k_cos is None:
-                    k_all, v_all = cache.store_current(layer, apply_rope(k, q_cos, q_sin), v)
-                else:
-                    k_all, v_all = cache.store_current(layer, k, v)
-                    k_all = apply_rope(k_all, k_cos, k_sin)
-                return attention(
-                    q, k_all, v_all, backend=backend, layer=layer, cache=cache, frame_grid=grid, **attn_kwargs
-                )
+                out = []
+                parts = zip(q.split(rows), k.split(rows), v.split(rows), caches, ropes, strict=True)
+                for q_s, k_s, v_s, cache, (q_rope, k_rope) in parts:
+                    q_s = apply_rope(q_s, *q_rope)
+                    if k_rope is None:
+                        k_all, v_all = cache.store_current(layer, apply_rope(k_s, *q_rope), v_s)
+                    else:
+                        k_all, v_all = cache.store_current(layer, k_s, v_s)
+                        k_all = apply_rope(k_all, *k_rope)
+                    out.append(
+                        attention(
+                            q_s, k_all, v_all, backend=backend, layer=layer, cache=cache, frame_grid=grid, **attn_kwargs
+                        )
+                    )
+                return out[0] if len(out) == 1 else torch.cat(out)
 
             h = self._block(block, h, frames, mod, text[i], self_attn)
         return self._head(h, temb, (b, frames, *grid))
