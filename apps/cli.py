@@ -164,7 +164,11 @@ def serve_settings(args: argparse.Namespace) -> dict:
     resolve_token(args.host, token)
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
     config = EngineConfig(
-        max_sessions=args.max_sessions, memory_budget_bytes=budget, fps=args.fps, scheduler=args.scheduler
+        max_sessions=args.max_sessions,
+        memory_budget_bytes=budget,
+        fps=args.fps,
+        scheduler=args.scheduler,
+        max_sessions_per_forward=args.share_forwards,
     )
     limits = ClientLimits(
         max_text_bytes=int(args.max_text_kb * 2**10),
@@ -327,6 +331,15 @@ def add_serve_args(srv: argparse.ArgumentParser) -> None:
         default="round_robin",
         help="round_robin: one chunk per session per round; slo: per-session targets (open's slo_ttff_s / slo_fps), "
         "sequential or stream-batch denoising per chunk, violations reported (README: SLO-aware scheduling)",
+    )
+    srv.add_argument(
+        "--share-forwards",
+        type=int,
+        default=1,
+        dest="share_forwards",
+        metavar="N",
+        help="round_robin: up to N sessions with the same settings generate their chunks in shared forwards "
+        "(default 1: one session per forward; slo groups where measured costs say it pays)",
     )
     srv.add_argument(
         "--memory-budget-gb",

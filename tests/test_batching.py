@@ -103,3 +103,19 @@ def test_groups_split_by_what_a_forward_shares(pipe):
     with pytest.raises(ValueError, match="cannot share forwards"):
         batching.next_chunks([a, a])
     assert batching.next_chunks([]) == []
+
+
+def test_benchmark_script_reports_both_schedules(tmp_path):
+    """``bench/bench_shared_forwards.py`` runs on the shipped model and writes its rows (figures not checked)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    command = [sys.executable, "bench/bench_shared_forwards.py", "--sessions", "1,2", "--rounds", "1"]
+    subprocess.run([*command, "--threads", "1", "--out", str(tmp_path)], cwd=root, check=True, capture_output=True)
+    (result,) = tmp_path.glob("shared_forwards_*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["streams"] for r in rows] == [1, 2]
+    assert all(r["round_s_in_turn"] > 0 and r["round_s_shared"] > 0 for r in rows)

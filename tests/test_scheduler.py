@@ -185,12 +185,13 @@ def test_best_effort_sessions_run_in_the_slack_of_targeted_ones():
 
 
 def test_sessions_share_a_forward_when_it_pays_and_every_due_time_holds():
-    config = SLOConfig(headroom=1.0, max_sessions_per_forward=3)
+    config = SLOConfig(headroom=1.0, max_sessions_per_forward=3, stream_batch=False)
     sim = Sim(config, calibrated(groups=3))
     for sid in (1, 2, 3):
-        sim.open(sid, spec(ttff_s=3.0, fps=fps_for(1.5)))
+        sim.open(sid, spec(ttff_s=2.0, fps=fps_for(1.7)))  # admission counts chunks in turn: 3 x 0.55 s in 1.7 s
     sim.tick()
-    assert sim.log[0][1] == (1, 2, 3)  # one warm-up for all three: 0.85 s x 1.4 + 2 decodes, all by 3 s
+    # Together: 5 passes x 0.1 s x 1.4 + 3 decodes = 0.85 s for the three chunks; in turn they would take 1.65 s.
+    assert sim.log[0][1:] == ((1, 2, 3), SEQUENTIAL)
     for _ in range(20):
         sim.tick()
     assert sim.violations == []
@@ -201,6 +202,18 @@ def test_sessions_share_a_forward_when_it_pays_and_every_due_time_holds():
     tight.open(2, spec(ttff_s=3.0, fps=fps_for(1.5)))
     tight.tick()
     assert tight.log[0][1:] == ((1,), SEQUENTIAL)
+
+
+def test_stream_batches_are_never_shared():
+    """A stream batch is one session's chunks at different passes: the engine runs shared forwards for sequential
+    chunks only, so the scheduler never groups sessions on the batch schedule, however cheap it would be."""
+    sim = Sim(SLOConfig(headroom=1.0, max_sessions_per_forward=3), calibrated(groups=3))
+    for sid in (1, 2, 3):
+        sim.open(sid, spec(ttff_s=3.0, fps=fps_for(1.5)))
+    for _ in range(12):
+        sim.tick()
+    assert any(schedule == BATCH for _, _, schedule in sim.log)
+    assert all(len(sessions) == 1 for _, sessions, schedule in sim.log if schedule == BATCH)
 
 
 def test_leaving_the_batch_drains_it_before_sequential_chunks():

@@ -141,10 +141,11 @@ def test_sessions_whose_client_is_behind_go_last(make_engine):
         engine._sessions[sid] = _Live(sid, request(), SimpleNamespace(mode="t2v"), outbox)
         engine._order.append(sid)
     outboxes[0].put_chunk(fake_chunk(session=1))  # session 1's client has not taken its last chunk yet
-    assert [engine._pick().sid for _ in range(4)] == [2, 3, 2, 3]
+    picks = lambda: [[live.sid for live in engine._pick()] for _ in range(4)]
+    assert picks() == [[2], [3], [2], [3]]
     for sid in (2, 3):
         outboxes[sid - 1].put_chunk(fake_chunk(session=sid))
-    assert [engine._pick().sid for _ in range(4)] == [1, 2, 3, 1]  # all behind: plain round-robin again
+    assert picks() == [[1], [2], [3], [1]]  # all behind: plain round-robin again
     engine._sessions.clear()
     # A chunk finished after its session was closed is counted as dropped: delivered + dropped = generated.
     outboxes[0].discard(fake_chunk(session=1, frames=12))

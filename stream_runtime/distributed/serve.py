@@ -77,6 +77,10 @@ class RingEngine(Engine):
             )
         if config.scheduler != "round_robin":
             raise ValueError(f"scheduler must be 'round_robin' over pipeline stages, got {config.scheduler!r}")
+        if config.max_sessions_per_forward != 1:
+            raise ValueError(
+                f"max_sessions_per_forward must be 1 over pipeline stages, got {config.max_sessions_per_forward}"
+            )
         super().__init__(_RingPipe(pipe, ring), config)
         self.ring = ring
 

@@ -36,6 +36,11 @@ class EngineConfig:
     input_buffer_chunks: int = 4
     """Video-to-video: input frames buffered per session, in chunks' worth; beyond it the oldest are dropped (a
     live source that outruns the model keeps its newest frames)."""
+    max_sessions_per_forward: int = 1
+    """``round_robin``: up to this many runnable sessions that can share forwards
+    (:func:`stream_runtime.pipelines.wan.batching.share_key`: same resolution, chunk size, steps, ...) get their
+    next chunks from one shared forward per step instead of one after the other (1: never). The ``slo`` scheduler
+    has its own limit (``SLOConfig.max_sessions_per_forward``) and groups only where measured costs say it pays."""
     scheduler: str = "round_robin"
     """``round_robin``: every runnable session gets one chunk per round. ``slo``: the SLO-aware scheduler
     (:mod:`stream_runtime.serving.scheduler`) orders sessions by their targets, chooses sequential or stream-batch
@@ -48,6 +53,8 @@ class EngineConfig:
             raise ValueError(f"scheduler must be one of {POLICIES}, got {self.scheduler!r}")
         if not isinstance(self.max_sessions, int) or self.max_sessions < 1:
             raise ValueError(f"max_sessions must be an integer >= 1, got {self.max_sessions!r}")
+        if not isinstance(self.max_sessions_per_forward, int) or self.max_sessions_per_forward < 1:
+            raise ValueError(f"max_sessions_per_forward must be an integer >= 1, got {self.max_sessions_per_forward!r}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be > 0 or None, got {self.memory_budget_bytes!r}")
         if not 0.0 < self.memory_fraction <= 1.0:

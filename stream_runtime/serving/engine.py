@@ -52,6 +52,7 @@ import torch
 
 from stream_runtime.cache import CacheLayout, RollingKVCache
 from stream_runtime.config import StreamConfig
+from stream_runtime.pipelines.wan.batching import groups, next_chunks, share_key
 from stream_runtime.serving.api import (
     MAX_SEED,
     MODES,
@@ -385,9 +386,9 @@ class Engine:
                 if not self._drain(block=not self._has_work()):
                     break
                 self._apply_aborts()
-                live = self._pick()
-                if live is not None:
-                    self._step(live)
+                lives = self._pick()
+                if lives:
+                    self._step(lives)
         except BaseException as exc:  # a bug in the loop itself; sessions' own failures never get here
             logger.exception("the engine loop failed")
             self.failure = exc
@@ -543,15 +544,18 @@ class Engine:
             return False
         return live.session.mode == "t2v" or len(live.inputs) >= live.session.frames_needed()
 
-    def _pick(self) -> _Live | None:
-        """The next runnable session in round-robin order, preferring sessions whose client has taken their last
+    def _pick(self) -> list[_Live]:
+        """The sessions to step next (several when they share forwards), or none.
+
+        Round-robin: the next runnable session in line, preferring sessions whose client has taken their last
         chunk. A session whose chunk still waits in its outbox (a slow client) runs only when no other one can: its
         next chunk would replace the unsent one, so it gets the time nobody else needs, and slow clients cost fast
-        ones almost nothing. The picked session and those before it move to the back of the line."""
+        ones almost nothing. The picked session and those before it move to the back of the line; so do the
+        sessions that share its forwards (:meth:`_companions`)."""
         if self._slo is not None:
-            live, violations = self._slo.pick(self._sessions, self._runnable)
+            lives, violations = self._slo.pick(self._sessions, self._runnable)
             self._report(violations)
-            return live
+            return lives
         backlogged = None
         for i, sid in enumerate(self._order):
             live = self._sessions[sid]
@@ -559,45 +563,88 @@ class Engine:
                 continue
             if live.outbox.unsent_chunks() == 0:
                 self._order.rotate(-(i + 1))
-                return live
+                return self._companions(live)
             if backlogged is None:
                 backlogged = i, live
         if backlogged is None:
-            return None
+            return []
         self._order.rotate(-(backlogged[0] + 1))
-        return backlogged[1]
+        return [backlogged[1]]
 
-    def _step(self, live: _Live) -> None:
-        session = live.session
-        oldest_input = None
-        if session.mode == "v2v":
-            batch = [live.inputs.popleft() for _ in range(session.frames_needed())]
-            oldest_input = batch[0][1]
-            frames_in = np.stack([frame for frame, _ in batch])
+    def _companions(self, live: _Live) -> list[_Live]:
+        """``live`` and, up to ``max_sessions_per_forward``, the next runnable sessions in line (fast clients only)
+        that can share its forwards; they go to the back of the line with it."""
+        limit = self.config.max_sessions_per_forward
+        key = share_key(live.session) if limit > 1 else None
+        if key is None:
+            return [live]
+        group = [live]
+        for sid in list(self._order)[:-1]:  # the picked session is last now
+            other = self._sessions[sid]
+            if len(group) == limit:
+                break
+            if self._runnable(other) and other.outbox.unsent_chunks() == 0 and share_key(other.session) == key:
+                group.append(other)
+                self._order.remove(sid)
+                self._order.append(sid)
+        return group
+
+    def _step(self, lives: list[_Live]) -> None:
+        """One chunk of each session in ``lives`` (shared forwards when there are several). A failure inside the
+        shared work cannot be laid at one session's door: it ends every session of the group."""
+        inputs: dict[int, tuple[np.ndarray, float]] = {}
+        for live in lives:
+            if live.session.mode == "v2v":
+                batch = [live.inputs.popleft() for _ in range(live.session.frames_needed())]
+                inputs[live.sid] = np.stack([frame for frame, _ in batch]), batch[0][1]
         started = self._clock()
-        result: dict = {}
+        ready = []
+        for live in lives:
 
-        def run() -> None:
-            if self._slo is not None:
-                self._slo.before(live.sid, session)
-            if oldest_input is not None:
-                session.push_frames(frames_in)
-            result["frames"] = session.next_chunk()
+            def prepare(live=live) -> None:
+                if self._slo is not None:
+                    self._slo.before(live.sid, live.session)
+                if live.sid in inputs:
+                    live.session.push_frames(inputs[live.sid][0])
 
-        if not self._guarded(live, run):
+            if self._guarded(live, prepare):
+                ready.append(live)
+        if not ready:
             return
+        by_session = {id(live.session): live for live in ready}
+        outputs: dict[int, np.ndarray | None] = {}
+        sessions = [live.session for live in ready]
+        # What the scheduler grouped, as the model can run it (one session needs no check: any session object runs)
+        for group in groups(sessions) if len(sessions) > 1 else [sessions]:
+            try:
+                for session, frames in zip(group, next_chunks(group), strict=True):
+                    outputs[by_session[id(session)].sid] = frames
+            except Exception as exc:
+                for session in group:
+                    live = by_session[id(session)]
+                    self._fail(live.sid, live.outbox, exc)
         finished = self._clock()
-        if self._slo is not None:
-            self._report(self._slo.after(live.sid, session, finished - started, result["frames"] is not None))
-        if result["frames"] is None:
+        ran = [live for live in ready if live.sid in outputs]
+        if self._slo is not None and ran:
+            self._report(
+                self._slo.after([(lv.sid, lv.session, outputs[lv.sid] is not None) for lv in ran], finished - started)
+            )
+        for live in ran:
+            oldest = inputs[live.sid][1] if live.sid in inputs else None
+            self._deliver(live, outputs[live.sid], started, finished, oldest)
+
+    def _deliver(self, live: _Live, frames: np.ndarray | None, started: float, finished: float, oldest_input) -> None:
+        """Hand a generated chunk to the session's outbox (with its timings) and count it."""
+        if frames is None:
             return
+        session = live.session
         step, self._steps = self._steps, self._steps + 1
         info = session.last_chunk
         chunk = ChunkOutput(
             session=live.sid,
             index=info.index,
             first_frame=info.first_frame,
-            frames=result["frames"],
+            frames=frames,
             latency_s=info.latency_s,
             step=step,
             started_at=started,

@@ -20,9 +20,9 @@ Every tick the engine asks :meth:`SLOScheduler.decide` what to run, given the ru
   first (one forward each).
 - **Order.** Earliest due first (EDF) among sessions with a due time; a session without one (no targets: best
   effort) runs when every targeted session can still wait for it (its predicted time fits in the smallest slack).
-- **Sessions per forward.** Up to ``max_sessions_per_forward`` sessions of one workload, at the same point of the
-  same schedule, share one forward when that costs less than running them one after the other and every one of
-  them still meets its due time.
+- **Sessions per forward.** Up to ``max_sessions_per_forward`` sessions of one workload on the sequential
+  schedule share their forwards (:mod:`stream_runtime.pipelines.wan.batching`) when that costs less than running
+  them one after the other and every one of them still meets its due time.
 - **Reports.** When no choice meets a due time (even the fastest schedules, in EDF order), a :class:`Violation`
   with ``reason="infeasible"`` names the session, the target and the predicted against the target time, before the
   chunk runs; a chunk that comes out late without having been predicted late is reported as ``missed``. Each
@@ -116,9 +116,10 @@ class SLOConfig:
     """Admission: the share of the engine's time that the frame deadlines of all sessions may claim together."""
     stream_batch: bool = True
     """Whether the scheduler may put text-to-video sessions on the stream-batch schedule."""
-    max_sessions_per_forward: int = 1
-    """Most sessions that may share one forward. The engine's pipeline runs one session per forward today, so the
-    engine uses 1; a simulation (or a backend with multi-session forwards) may allow more."""
+    max_sessions_per_forward: int = 4
+    """Most sessions that may share one forward (``pipelines.wan.batching``: sequential chunks of one workload).
+    The scheduler groups sessions only where the measured costs say it pays (the calibration measures every group
+    size up to this one); 1 never groups."""
     admission: bool = True
     """Refuse a session whose targets are infeasible under the current load (``EngineBusy``, code
     ``slo_infeasible``). False: admit it and report its violations as they come."""
@@ -410,8 +411,8 @@ class SLOScheduler:
         sid0, schedule, cost0 = head
         limit = self.config.max_sessions_per_forward
         t0 = self._tracks[sid0]
-        if limit == 1 or cost0 is None:
-            return [sid0]
+        if limit == 1 or cost0 is None or schedule != SEQUENTIAL:
+            return [sid0]  # shared forwards run sequential chunks only (a stream batch is one session's)
         order = {sid: i for i, (sid, *_) in enumerate(plan)}
         candidates = [
             (sid, t)

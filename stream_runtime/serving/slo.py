@@ -27,14 +27,14 @@ from stream_runtime.serving.scheduler import (
     Violation,
 )
 
-CALIBRATION_PROMPT = "calibration"
-"""Prompt of the scratch session the calibration runs (its frames are thrown away)."""
-
 
 def workload_of(mode: str, config: StreamConfig, height: int, width: int) -> Workload:
     """The cost class of a session: sessions with equal workloads cost the same per forward."""
+    rows = 2 if config.guided else 1  # guidance runs every pass on two rows
     key = f"{mode} {height}x{width} chunk{config.chunk_frames} cache{config.cache_frames} {config.attention_backend}"
-    return Workload(key, float(height * width * config.chunk_frames))
+    if config.guided:
+        key += " guided"
+    return Workload(key, float(height * width * config.chunk_frames * rows))
 
 
 def passes_of(config: StreamConfig) -> int:
@@ -50,14 +50,19 @@ class SLOController:
         self.config = config
         self.costs = CostModel(config.ewma_alpha, config.window)
         self.scheduler = SLOScheduler(self.costs, config)
-        self._pending: tuple[int, Decision] | None = None
+        self._pending: tuple[tuple[int, ...], Decision] | None = None
         self.calibration: dict | None = None
         """What :meth:`calibrate` measured (seconds), for the metrics."""
 
     # -- admission (client threads)
 
     def spec(self, request: SessionRequest, config: StreamConfig, height: int, width: int) -> SessionSpec:
-        batchable = request.mode == "t2v" and not config.attention_reuse and config.prompt_switch != "reset"
+        batchable = (
+            request.mode == "t2v"
+            and not config.attention_reuse
+            and config.prompt_switch != "reset"
+            and not config.guided
+        )
         return SessionSpec(
             workload_of(request.mode, config, height, width),
             passes_of(config),
@@ -82,21 +87,21 @@ class SLOController:
 
     # -- the tick (engine thread)
 
-    def pick(self, sessions: dict, runnable: Callable) -> tuple[object | None, list[Violation]]:
-        """(the session to step, infeasible targets found while deciding). Sessions whose client has not taken
-        their last chunk (slow clients) run only when no other one can, as in round-robin."""
+    def pick(self, sessions: dict, runnable: Callable) -> tuple[list, list[Violation]]:
+        """(the sessions to step, sharing forwards when more than one; infeasible targets found while deciding).
+        Sessions whose client has not taken their last chunk (slow clients) run only when no other one can, as in
+        round-robin."""
         ready = [sid for sid, live in sessions.items() if runnable(live)]
         fresh = [sid for sid in ready if sessions[sid].outbox.unsent_chunks() == 0]
         decision = self.scheduler.decide(fresh or ready, self.clock())
         if decision is None:
-            return None, []
-        sid = decision.sessions[0]  # the engine's pipeline runs one session per forward (max_sessions_per_forward)
-        self._pending = (sid, decision)
-        return sessions[sid], list(decision.violations)
+            return [], []
+        self._pending = (decision.sessions, decision)
+        return [sessions[sid] for sid in decision.sessions], list(decision.violations)
 
     def before(self, sid: int, session) -> None:
         """Put the session on the decided schedule (raises ValueError if the session cannot, e.g. v2v)."""
-        if self._pending is None or self._pending[0] != sid:
+        if self._pending is None or sid not in self._pending[0]:
             return
         decision = self._pending[1]
         if session.stream_batching != (decision.schedule == BATCH):
@@ -104,54 +109,83 @@ class SLOController:
         session.profile = True
         session.timings.clear()
 
-    def after(self, sid: int, session, wall_s: float, produced: bool) -> list[Violation]:
-        """Feed the call's times to the cost model; return the targets its chunk missed."""
+    def after(self, ran: list[tuple[int, object, bool]], wall_s: float) -> list[Violation]:
+        """Feed the call's times to the cost model; return the targets its chunks missed. ``ran``: (sid, session,
+        whether its chunk came out) of every session the call stepped (several when they shared forwards)."""
         pending, self._pending = self._pending, None
-        if pending is None or pending[0] != sid:
+        if pending is None or not ran or any(sid not in pending[0] for sid, _, _ in ran):
             return []
         decision = pending[1]
-        decode = session.timings.get("decode_s")
+        decodes = [session.timings.get("decode_s") for _, session, produced in ran if produced]
+        decode = None if None in decodes else sum(decodes)
         denoise = max(wall_s - decode, 0.0) if decode is not None else None
-        schedule = BATCH if session.stream_batching else SEQUENTIAL
-        self.scheduler.sync(sid, schedule, session.chunks_in_flight)
-        in_flight = {sid: session.chunks_in_flight}
-        return self.scheduler.observe(decision, self.clock(), denoise, decode, in_flight, {sid} if produced else set())
+        in_flight = {}
+        for sid, session, _ in ran:
+            schedule = BATCH if session.stream_batching else SEQUENTIAL
+            self.scheduler.sync(sid, schedule, session.chunks_in_flight)
+            in_flight[sid] = session.chunks_in_flight
+        produced = {sid for sid, _, out in ran if out}
+        if decode is not None and not produced:
+            decode = None
+        return self.scheduler.observe(decision, self.clock(), denoise, decode, in_flight, produced)
 
     # -- calibration
 
     def calibrate(self) -> dict:
-        """Seed the cost model with the default workload's times: a sequential chunk and a steady stream-batch
-        forward of a scratch text-to-video session at the default resolution (a first chunk of each warms up and
-        is not counted). Runs the model: a few forwards."""
+        """Seed the cost model with the default workload's times: a sequential chunk, a steady stream-batch
+        forward, and one pass of ``g`` sessions sharing a forward for every ``g`` up to
+        ``max_sessions_per_forward``, all on scratch text-to-video sessions at the default resolution (a first chunk
+        of each warms up and is not counted). Runs the model: a few chunks."""
+        from stream_runtime.pipelines.wan import batching
+
         pipe = self.pipe
         config = pipe.stream_config("t2v").replace(stream_batch=False)
         height, width = pipe.default_resolution
         workload = workload_of("t2v", config, height, width)
         passes = passes_of(config)
+        prompt = pipe.example_prompt  # the scratch sessions' prompt: one the model knows (a closed vocabulary too)
         out: dict = {"workload": workload.key}
-        with pipe.session(CALIBRATION_PROMPT, seed=0, height=height, width=width, config=config) as session:
+
+        def open_session(seed: int):
+            session = pipe.session(prompt, seed=seed, height=height, width=width, config=config)
             session.profile = True
+            return session
+
+        with open_session(0) as session:
             session.next_chunk()
-            forward, decode = self._timed_chunk(session)
+            forward, decode = self._timed_chunk([session])
             out["pass_s"], out["decode_s"] = forward / passes, decode
             self.costs.seed(workload, (1, 1), out["pass_s"])
             self.costs.seed_decode(workload, decode)
-            if passes > 1 and not config.attention_reuse and config.prompt_switch != "reset":
+            if passes > 1 and not config.attention_reuse and config.prompt_switch != "reset" and not config.guided:
                 session.set_stream_batch(True)
                 session.next_chunk()  # the warm-up
-                forward, _ = self._timed_chunk(session)
+                forward, _ = self._timed_chunk([session])
                 out["batch_forward_s"] = forward
                 self.costs.seed(workload, (passes, 1), forward)
+        for group in range(2, self.config.max_sessions_per_forward + 1):
+            sessions = [open_session(seed) for seed in range(group)]
+            try:
+                batching.next_chunks(sessions)
+                forward, _ = self._timed_chunk(sessions)
+            finally:
+                for session in sessions:
+                    session.close()
+            out[f"shared_pass_s_{group}"] = forward / passes
+            self.costs.seed(workload, (1, group), forward / passes)
         self.calibration = out
         return out
 
     @staticmethod
-    def _timed_chunk(session) -> tuple[float, float]:
-        """(seconds of forwards, seconds of decode) of one ``next_chunk``, by the wall clock."""
+    def _timed_chunk(sessions: list) -> tuple[float, float]:
+        """(seconds of forwards, seconds of decode) of the next chunk of ``sessions`` (sharing forwards when there
+        are several), by the wall clock."""
+        from stream_runtime.pipelines.wan import batching
+
         start = time.perf_counter()
-        session.next_chunk()
+        batching.next_chunks(sessions)
         wall = time.perf_counter() - start
-        decode = session.timings.get("decode_s", 0.0)
+        decode = sum(session.timings.get("decode_s", 0.0) for session in sessions)
         return max(wall - decode, 0.0), decode
 
     def snapshot(self) -> dict:

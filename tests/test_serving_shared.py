@@ -1,0 +1,83 @@
+"""The engine running several sessions' chunks in shared forwards (``max_sessions_per_forward``)."""
+
+import numpy as np
+import pytest
+from test_serving_engine import Collector, request
+
+from stream_runtime.pipelines.wan.pipeline import StreamPipeline
+from stream_runtime.serving import EngineConfig, SessionRequest
+from stream_runtime.serving.scheduler import SLOConfig
+
+SIZE = 32
+PROMPTS = ("a red fox", "a blue cat", "a green dog")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return StreamPipeline.tiny_random(height=SIZE, width=SIZE)
+
+
+def test_round_robin_shares_forwards_and_each_stream_is_what_it_is_alone(make_engine, pipe):
+    engine = make_engine(max_sessions_per_forward=3)
+    c = Collector(engine, 3)
+    # Opened before the engine starts: its first drain creates all three, so the first pick groups them.
+    sids = [engine.open(request(p, seed=i), c.outboxes[i]) for i, p in enumerate(PROMPTS)]
+    engine.start()
+    c.until(lambda: all(len(c.chunks(i)) >= 3 for i in range(3)))
+    for i in range(3):
+        assert [chunk.index for chunk in c.chunks(i)[:3]] == [0, 1, 2]
+    firsts = [c.chunks(i)[0] for i in range(3)]
+    assert len({(chunk.started_at, chunk.finished_at) for chunk in firsts}) == 1  # one shared call made all three
+    for i, prompt in enumerate(PROMPTS):
+        config, height, width = engine.resolve(request(prompt, seed=i))
+        with pipe.session(prompt, seed=i, height=height, width=width, config=config) as alone:
+            for chunk in c.chunks(i)[:3]:
+                expected = alone.next_chunk()
+                assert np.abs(chunk.frames.astype(int) - expected.astype(int)).max() <= 1
+    for sid in sids:
+        engine.close(sid)
+    c.until(lambda: all(c.events(i, "closed") for i in range(3)))
+
+
+def test_sessions_with_other_settings_do_not_share(make_engine):
+    engine = make_engine(max_sessions_per_forward=3)
+    c = Collector(engine, 2)
+    engine.open(request("a red fox"), c.outboxes[0])
+    other = SessionRequest(prompt="a blue cat", height=SIZE, width=SIZE, steps=2)  # other noise levels per forward
+    engine.open(other, c.outboxes[1])
+    engine.start()
+    c.until(lambda: len(c.chunks(0)) >= 2 and len(c.chunks(1)) >= 2)
+    calls = {(chunk.started_at, chunk.finished_at) for i in range(2) for chunk in c.chunks(i)[:2]}
+    assert len(calls) == 4
+
+
+def test_a_failure_in_a_shared_forward_ends_every_session_of_the_group(make_engine, monkeypatch):
+    import stream_runtime.serving.engine as engine_module
+
+    def broken(sessions):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine_module, "next_chunks", broken)
+    engine = make_engine(max_sessions_per_forward=2)
+    c = Collector(engine, 2)
+    for i in range(2):
+        engine.open(request(PROMPTS[i]), c.outboxes[i])
+    engine.start()
+    c.until(lambda: all(c.events(i, "closed") for i in range(2)))
+    for i in range(2):
+        (error,) = c.events(i, "error")
+        assert error.data["code"] == "session_failed" and "device lost" in error.data["message"]
+    assert engine.alive  # the engine goes on
+
+
+def test_slo_calibration_measures_every_group_size(make_engine):
+    engine = make_engine(max_sessions=3, scheduler="slo", slo=SLOConfig(max_sessions_per_forward=3)).start()
+    calibration = engine.metrics()["scheduler"]["calibration"]
+    assert calibration["shared_pass_s_2"] > 0 and calibration["shared_pass_s_3"] > 0
+    forwards = next(iter(engine.metrics()["scheduler"]["costs"].values()))["forward_s"]
+    assert {"1x1", "1x2", "1x3"} <= set(forwards)
+
+
+def test_engine_config_checks_the_group_limit():
+    with pytest.raises(ValueError, match="max_sessions_per_forward"):
+        EngineConfig(max_sessions_per_forward=0)
