@@ -3,8 +3,8 @@
 For ``n`` open streams of one configuration, a *round* gives every stream its next chunk: ``n`` calls of
 ``next_chunk`` in turn (what the round-robin engine does with ``max_sessions_per_forward=1``), or one
 ``next_chunks`` call whose denoising steps and context passes are shared forwards (``--share-forwards n``).
-Reports the median round time over ``--rounds`` warm rounds, the frames per second of all streams together and
-the ratio. Decode (per session) is included in both.
+Reports the median round time over ``--rounds`` warm rounds (the two schedules alternate round by round), the
+frames per second of all streams together and the ratio. Decode (per session) is included in both.
 
     python bench/bench_shared_forwards.py --threads 2                       # the tiny-world model on this CPU
     python bench/bench_shared_forwards.py --shape 1.3b --mode v2v --device cuda --sessions 1,2,4   # GPU, random 1.3B
@@ -68,21 +68,24 @@ def feed(sessions, rng: np.random.Generator) -> None:
             s.push_frames(rng.integers(0, 256, (s.frames_needed(), s.height, s.width, 3), dtype=np.uint8))
 
 
-def time_rounds(sessions, shared: bool, rounds: int, device: torch.device) -> list[float]:
+def time_rounds(streams: dict[bool, list], rounds: int, device: torch.device) -> dict[bool, list[float]]:
+    """Round times of both schedules (``streams[shared]``: that schedule's sessions), alternating round by round so
+    that drift of the machine (clocks, other load) falls on both alike."""
     rng = np.random.default_rng(0)
-    out = []
+    out: dict[bool, list[float]] = {False: [], True: []}
     for r in range(rounds + 1):  # the first round warms up (and is the streams' first, shorter chunk)
-        feed(sessions, rng)
-        sync(device)
-        start = time.perf_counter()
-        if shared:
-            batching.next_chunks(sessions)
-        else:
-            for s in sessions:
-                s.next_chunk()
-        sync(device)
-        if r:
-            out.append(time.perf_counter() - start)
+        for shared, sessions in streams.items():
+            feed(sessions, rng)
+            sync(device)
+            start = time.perf_counter()
+            if shared:
+                batching.next_chunks(sessions)
+            else:
+                for s in sessions:
+                    s.next_chunk()
+            sync(device)
+            if r:
+                out[shared].append(time.perf_counter() - start)
     return out
 
 
@@ -106,11 +109,10 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for n in (int(v) for v in args.sessions.split(",")):
-            medians = {}
-            for shared in (False, True):
-                sessions = open_streams(pipe, n, args)
-                medians[shared] = statistics.median(time_rounds(sessions, shared, args.rounds, device))
-                frames = sum(s.last_chunk.num_frames for s in sessions)
+            streams = {shared: open_streams(pipe, n, args) for shared in (False, True)}
+            medians = {k: statistics.median(v) for k, v in time_rounds(streams, args.rounds, device).items()}
+            frames = sum(s.last_chunk.num_frames for s in streams[True])
+            for sessions in streams.values():
                 for s in sessions:
                     s.close()
             row = {
