@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--reuse", type=int, default=None, metavar="N", help="cross-step attention reuse refresh interval (0: exact)"
     )
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None, help="classifier-free guidance (1: off; default: the folder's)"
+    )
     parser.add_argument("--stability", type=int, default=0, metavar="LATENT_FRAMES", help="0: no stability run")
     parser.add_argument("--stability-prompts", type=int, default=4)
     parser.add_argument("--switch", type=int, default=0, metavar="PROMPTS", help="0: no prompt-switch run")
@@ -184,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         overrides["attention_backend"] = args.attention
     if args.reuse is not None:
         overrides["attention_reuse"] = args.reuse
+    if args.guidance_scale is not None:
+        overrides["guidance_scale"] = args.guidance_scale
     pipe = StreamPipeline.from_pretrained(args.model, device=args.device)
     start = time.perf_counter()
     result = {
