@@ -80,7 +80,7 @@ class StreamConfig:
     """Run the passes of successive chunks as one batch (StreamDiffusionV2's stream batch): one forward advances
     every chunk in flight by one pass, so a chunk comes out per forward after a warm-up. A chunk attends to the
     cache as it stands at each forward, which holds only chunks that have finished all their passes; see
-    :mod:`stream_runtime.stream_batch` for the exact schedule. Text-to-video only."""
+    :mod:`stream_runtime.stream_batch` for the exact schedule. Video-to-video chunks enter with their encoded input."""
     stream_batch_stride: int = 1
     """Stream batch: forwards between two passes of one chunk. 1 on one device; a pipeline over N stages uses N so
     that N batches circulate at once (every stage busy). Outputs depend on it, since it decides what is cached."""

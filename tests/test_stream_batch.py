@@ -1,5 +1,6 @@
 """The stream batch (fp32, tiny model) against a slow sequential reference with the same semantics."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close
@@ -100,10 +101,11 @@ def test_forward_batch_equals_forward_chunk_per_item(mode):
 # -- the session against the sequential reference
 
 
-def reference_stream(pipe, config, prompt, seed, num_chunks, switches=()):
+def reference_stream(pipe, config, prompt, seed, num_chunks, switches=(), inputs=None):
     """One chunk and one pass at a time through forward_chunk, visiting forwards in order: the chunks of forward f
     in increasing pass order (the leaving one last, so the scratch holds its K/V at commit), the cache committed
-    between forwards. ``switches``: (forward, prompt) applied before that forward."""
+    between forwards. ``switches``: (forward, prompt) applied before that forward. ``inputs``: video-to-video, the
+    clean latents of each chunk's input, noised to the first level of the step list after ``config.strength``."""
     net = pipe.net
     grid = net.grid(SIZE // 8, SIZE // 8)
     latent_shape = (pipe.vae.config.z_dim, SIZE // 8, SIZE // 8)
@@ -113,7 +115,7 @@ def reference_stream(pipe, config, prompt, seed, num_chunks, switches=()):
     steps = len(config.timesteps)
     passes = steps + int(config.context_pass)
     stride = config.stream_batch_stride
-    sigmas = sampling.sigmas_for(config.timesteps, config.shift)
+    sigmas = sampling.sigmas_for(config.timesteps, config.shift, config.strength if inputs is not None else 1.0)
     fc = config.chunk_frames
     state, out = {}, []
     switches = dict(switches)
@@ -133,7 +135,12 @@ def reference_stream(pipe, config, prompt, seed, num_chunks, switches=()):
             c = f - p * stride
             if c < 0:
                 continue
-            x = state.pop(c) if p else pass_noise(seed, c, 0, (1, *latent_shape[:1], fc, *latent_shape[1:]))
+            if p:
+                x = state.pop(c)
+            elif inputs is None:
+                x = pass_noise(seed, c, 0, (1, *latent_shape[:1], fc, *latent_shape[1:]))
+            else:
+                x = sampling.add_noise(inputs[c], pass_noise(seed, c, 0, inputs[c].shape), sigmas[0])
             t = sigmas[p] * 1000.0 if p < steps else 0.0
             flow = net.forward_chunk(x, t, text, cache, c * fc, position_mode=config.position_mode)
             x0 = x if p == steps else sampling.to_x0(x, flow, sigmas[p])
@@ -224,5 +231,40 @@ def test_stream_batch_session_decodes_frames_and_rejects_what_it_cannot_do(pipe)
         with pytest.raises(ValueError, match="stream_batch"):
             s.set_config(config.replace(stream_batch=False))
         s.set_config(config.replace(shift=3.0))  # same passes: allowed
-    with pytest.raises(ValueError, match="text-to-video only"):
-        pipe.session("a cat", mode="v2v", height=SIZE, width=SIZE, config=config.replace(context_pass=False))
+
+
+@pytest.mark.parametrize("context_pass", [False, True])
+def test_video_to_video_stream_batch_equals_sequential_reference(pipe, context_pass):
+    """StreamDiffusionV2's video-to-video setting on the stream batch: each chunk enters with its encoded input noised
+    to its first level; a forward waits (returns None) until the entering chunk's input is buffered."""
+    from stream_runtime.pipelines.wan.vae_stream import StreamingVAEEncoder
+
+    config = StreamConfig(
+        stream_batch=True,
+        chunk_frames=1,
+        sink_frames=1,
+        window_frames=3,
+        timesteps=(700.0, 500.0),
+        shift=8.0,
+        strength=0.8,
+        context_pass=context_pass,
+    )
+    num_chunks = 5
+    clip = np.random.default_rng(0).integers(0, 256, (1 + 4 * (num_chunks + 2), SIZE, SIZE, 3), dtype=np.uint8)
+    encoder, inputs, start = StreamingVAEEncoder(pipe.vae), [], 0
+    for c in range(num_chunks + 2):  # the chunks in flight when the last one leaves have entered too
+        n = 1 if c == 0 else 4
+        pixels = torch.from_numpy(clip[start : start + n]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        inputs.append(encoder.encode(pixels).float())
+        start += n
+    ref = reference_stream(pipe, config, "a red fox", seed=3, num_chunks=num_chunks, inputs=inputs)
+    with pipe.session("a red fox", seed=3, mode="v2v", height=SIZE, width=SIZE, config=config) as s:
+        lag = s._stream_batch.schedule.lag
+        assert s.frames_needed() == 1 and s.generate_latents() is None  # no input: nothing runs
+        s.push_frames(clip[:1])
+        assert s.generate_latents() is None  # chunk 0 entered; chunk 1's input is missing
+        assert s._stream_batch.forward_index == 1 and s.frames_needed() == 4
+        s.push_frames(clip[1:])
+        for k in range(num_chunks):
+            assert_close(s.generate_latents(), ref[k])
+            assert s._stream_batch.forward_index == k + lag + 1

@@ -5,6 +5,7 @@ turned on before the first chunk equals a session opened with ``stream_batch=Tru
 continuous chunk indices across switches.
 """
 
+import numpy as np
 import pytest
 from conftest import assert_close
 
@@ -68,8 +69,17 @@ def test_batch_after_sequential_chunks_continues_the_stream(pipe):
         s.set_stream_batch(False)
         s.set_stream_batch(False)  # idempotent
     with pipe.session("a cat", mode="v2v", height=SIZE, width=SIZE, config=CONFIG.replace(context_pass=False)) as s:
-        with pytest.raises(ValueError, match="text-to-video only"):
-            s.set_stream_batch(True)
+        s.push_frames(np.zeros((1 + 4 * 6, SIZE, SIZE, 3), np.uint8))
+        s.next_chunk()
+        s.set_stream_batch(True)  # video-to-video joins the batch too: its chunks enter with their input
+        assert s.next_chunk() is not None and s.last_chunk.index == 1
+        in_flight = s.chunks_in_flight
+        s.set_stream_batch(False)
+        assert in_flight > 0 and s.frames_needed() == 0  # a drain takes no new input
+        s._inputs.clear()
+        for _ in range(in_flight):
+            assert s.next_chunk() is not None  # the chunks in flight come out without more input
+        assert s.chunks_in_flight == 0 and s.next_chunk() is None  # sequential again, waiting for input
     with pipe.session("a cat", height=SIZE, width=SIZE, config=CONFIG.replace(attention_reuse=1)) as s:
         with pytest.raises(ValueError, match="attention_reuse"):
             s.set_stream_batch(True)

@@ -66,8 +66,6 @@ class StreamSession:
     def __init__(self, pipe, prompt: str, seed: int, mode: str, height: int, width: int, config: StreamConfig):
         if mode not in ("t2v", "v2v"):
             raise ValueError(f"mode must be 't2v' or 'v2v', got {mode!r}")
-        if config.stream_batch and mode != "t2v":
-            raise ValueError("stream_batch supports text-to-video only (mode='t2v'); set stream_batch=False for v2v")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         pipe.check_resolution(height, width)
@@ -220,7 +218,7 @@ class StreamSession:
         On: a stream batch starts at the next chunk (its first output comes after a warm-up of ``passes``
         forwards). Off: no new chunk enters the batch; the next calls drain the chunks in flight, one per forward,
         and the session then goes on sequentially. Turning it on again while a drain is under way is refused (the
-        schedule admits chunks by forward index). Text-to-video only, as ``StreamConfig.stream_batch``.
+        schedule admits chunks by forward index).
         """
         self._check_open()
         runner = self._stream_batch
@@ -237,8 +235,6 @@ class StreamSession:
                 )
             return
         config = self.config.replace(stream_batch=True, stream_batch_stride=1)  # validates reuse / reset
-        if self.mode != "t2v":
-            raise ValueError("stream_batch supports text-to-video only (mode='t2v'); this session is 'v2v'")
         if self.frame != self.chunk_index * config.chunk_frames:
             raise ValueError(
                 f"stream_batch numbers frames by chunk; this stream's frame count ({self.frame}) was reset, "
@@ -269,9 +265,15 @@ class StreamSession:
         self._inputs.extend(arr)
 
     def frames_needed(self) -> int:
-        """Input frames the next video-to-video chunk consumes."""
+        """Input frames the next video-to-video chunk consumes (on the stream batch: the next chunk to enter it,
+        0 while it drains)."""
         f, t = self.config.chunk_frames, self.pipe.temporal_factor
-        return 1 + t * (f - 1) if self.chunk_index == 0 else t * f
+        chunk = self.chunk_index
+        if self._stream_batch is not None:
+            chunk = self._stream_batch.entering
+            if chunk is None:
+                return 0
+        return 1 + t * (f - 1) if chunk == 0 else t * f
 
     @torch.no_grad()
     def recache(self) -> None:
@@ -359,6 +361,15 @@ class StreamSession:
 
     def _v2v_start(self) -> tuple[torch.Tensor, list] | None:
         """Encode the next input frames; return (noisy latents at the first step, sigmas) or None."""
+        encoded = self._v2v_encode()
+        if encoded is None:
+            return None
+        z, sigmas = encoded
+        return sampling.add_noise(z, self._randn(z.shape), sigmas[0]), sigmas
+
+    def _v2v_encode(self) -> tuple[torch.Tensor, list] | None:
+        """Encode the next chunk's input frames: (clean latents, the chunk's sigmas after its strength), or None
+        while too few frames are buffered."""
         need = self.frames_needed()
         if len(self._inputs) < need:
             return None
@@ -376,8 +387,7 @@ class StreamSession:
             strength = lo + (hi - lo) * (self._motion / MOTION_FULL_SCALE).clamp(0.0, 1.0)
             strength = strength * self.config.strength
         self._last_input = pixels[:, :, -1:]
-        sigmas = sampling.sigmas_for(self.config.timesteps, self.config.shift, strength)
-        return sampling.add_noise(z, self._randn(z.shape), sigmas[0]), sigmas
+        return z, sampling.sigmas_for(self.config.timesteps, self.config.shift, strength)
 
     @torch.no_grad()
     def generate_latents(self) -> torch.Tensor | None:
@@ -394,7 +404,10 @@ class StreamSession:
         if self._stream_batch is not None:
             f = self.config.chunk_frames
             with self._phase("denoise_s"):
-                chunk, x0 = self._stream_batch.next_latents()
+                left = self._stream_batch.next_latents()
+            if left is None:  # video-to-video: the next chunk to enter lacks input frames
+                return None
+            chunk, x0 = left
             self.frame = (chunk + 1) * f
             self.chunk_index = chunk + 1
             self._end_drained_batch()

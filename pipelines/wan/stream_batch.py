@@ -24,7 +24,7 @@ def passes_of(config) -> int:
 
 
 class StreamBatchRunner:
-    """Runs the forwards of one text-to-video session on the stream-batch schedule.
+    """Runs the forwards of one session on the stream-batch schedule.
 
     Holds the latents of every chunk in flight between forwards; the session's cache, prompt (text K/V) and
     blend are used as they stand at each forward, so live controls act between two forwards.
@@ -32,6 +32,10 @@ class StreamBatchRunner:
     A runner may start at a later chunk (``first_chunk``: the session ran its earlier chunks sequentially, and the
     cache holds them) and may be drained (:meth:`drain`: no new chunk enters; the chunks in flight leave one per
     forward), which is how a session switches between the two schedules between chunks.
+
+    Video-to-video: a chunk enters with its encoded input frames noised to its first level (its own step list
+    after its strength, motion-aware or not), so a forward runs only once the session has buffered the input of
+    the chunk that enters in it (:attr:`entering`); until then :meth:`next_latents` returns None.
 
     Example::
 
@@ -51,6 +55,13 @@ class StreamBatchRunner:
         """Chunk (stream index) -> latents ``[1, C, F, h, w]`` for its next pass."""
         self.admitted: int | None = None
         """None: new chunks enter every forward. Else draining: only the runner's first ``admitted`` chunks run."""
+        self.sigmas: dict[int, list] = {}
+        """Video-to-video: chunk -> its noise levels (set as it enters; text-to-video reads the session's)."""
+
+    @property
+    def entering(self) -> int | None:
+        """Stream index of the chunk that enters in the next forward (None while draining)."""
+        return None if self.draining else self.first_chunk + self.forward_index
 
     @property
     def in_flight(self) -> int:
@@ -73,8 +84,18 @@ class StreamBatchRunner:
 
     def _start(self, chunk: int) -> torch.Tensor:
         s = self.session
+        if s.mode == "v2v":
+            z, sigmas = s._v2v_encode()  # next_latents checked that the input is there
+            self.sigmas[chunk] = sigmas
+            return sampling.add_noise(z, pass_noise(s.seed, chunk, 0, z.shape, s.pipe.device), sigmas[0])
         shape = (1, s.latent_shape[0], s.config.chunk_frames, *s.latent_shape[1:])
         return pass_noise(s.seed, chunk, 0, shape, s.pipe.device)
+
+    def _ready(self) -> bool:
+        """Whether the next forward can run: always, but in video-to-video while the entering chunk's input frames
+        are not buffered yet."""
+        s = self.session
+        return s.mode != "v2v" or self.entering is None or len(s._inputs) >= s.frames_needed()
 
     def step(self) -> tuple[int, torch.Tensor] | None:
         """Run one forward; return ``(chunk, clean latents)`` of the chunk that left in it, or None (warm-up)."""
@@ -88,16 +109,20 @@ class StreamBatchRunner:
         local_leaving = self.schedule.leaving(f, self.admitted)
         leaving = None if local_leaving is None else base + local_leaving
         steps = len(config.timesteps)
-        sigmas = s._sigmas
-        xs, ts = [], []
+        xs, ts, levels = [], [], []
         for chunk, p in items:
             x = self.inputs.pop(chunk) if p > 0 else self._start(chunk)
+            sigmas = self.sigmas.get(chunk, s._sigmas)
             xs.append(x)
+            levels.append(sigmas)
             ts.append(sigmas[p] * 1000.0 if p < steps else 0.0)
         x = torch.cat(xs)
         first_frames = [chunk * config.chunk_frames for chunk, _ in items]
         commit_item = len(items) - 1 if leaving is not None else None  # the leaving chunk is the last item
-        timesteps = torch.tensor(ts, dtype=torch.float32, device=s.pipe.device)
+        if any(isinstance(t, torch.Tensor) for t in ts):  # motion-aware video-to-video: levels on the device
+            timesteps = torch.stack([torch.as_tensor(t, dtype=torch.float32, device=s.pipe.device) for t in ts])
+        else:
+            timesteps = torch.tensor(ts, dtype=torch.float32, device=s.pipe.device)
         flow = s.net.forward_batch(
             x,
             timesteps,
@@ -110,6 +135,7 @@ class StreamBatchRunner:
         ).float()
         out = None
         for b, (chunk, p) in enumerate(items):
+            sigmas = levels[b]
             if p == steps:  # the context pass: its input was the clean latents
                 x0 = xs[b]
             else:
@@ -126,12 +152,16 @@ class StreamBatchRunner:
         if out is not None:
             chunk, x0 = out
             s.cache.commit(chunk * config.chunk_frames, config.chunk_frames, latents=x0)
+            self.sigmas.pop(chunk, None)
         self.forward_index += 1
         return out
 
-    def next_latents(self) -> tuple[int, torch.Tensor]:
-        """Run forwards until a chunk leaves; return ``(chunk, clean latents [1, C, F, h, w])``."""
+    def next_latents(self) -> tuple[int, torch.Tensor] | None:
+        """Run forwards until a chunk leaves; return ``(chunk, clean latents [1, C, F, h, w])``, or None when a
+        video-to-video forward waits for input frames (the forwards run so far stay done)."""
         while True:
+            if not self._ready():
+                return None
             out = self.step()
             if out is not None:
                 return out

@@ -594,8 +594,9 @@ class Engine:
         shared work cannot be laid at one session's door: it ends every session of the group."""
         inputs: dict[int, tuple[np.ndarray, float]] = {}
         for live in lives:
-            if live.session.mode == "v2v":
-                batch = [live.inputs.popleft() for _ in range(live.session.frames_needed())]
+            need = live.session.frames_needed() if live.session.mode == "v2v" else 0
+            if need:  # 0: a draining stream batch, whose next forward takes no new input
+                batch = [live.inputs.popleft() for _ in range(need)]
                 inputs[live.sid] = np.stack([frame for frame, _ in batch]), batch[0][1]
         started = self._clock()
         ready = []
