@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One batched GPU-machine session: install carried wheels, then the parts asked for (default: all, in this order).
 # Usage on the device machine (repo root, wheels + peer_sdv2.py in .whl/):
-#   bash bench/gpu_session.sh OUTDIR [tests] [stream] [batch] [taehv] [decoder] [attention] [14b] [peer]
+#   bash bench/gpu_session.sh OUTDIR [tests] [probe] [stream] [batch] [shared] [taehv] [decoder] [attention] [14b] [peer]
 #   tests      GPU tests (bf16 streaming vs reference, Triton kernels, attention backends)
+#   probe      probe_sdpa_layout.py: do SDPA's backends (cuDNN) run on the stream's [B, L, H, D] views?
 #   stream     bench_stream.py 1.3B t2v + v2v with sdpa and sdpa_cudnn
 #   batch      bench_stream.py 1.3B t2v with --stream-batch (sdpa_cudnn)
+#   shared     bench_shared_forwards.py: 1, 2, 4 v2v streams of the 1.3B shape in turn vs in shared forwards
 #   taehv      bench_stream.py 1.3B t2v with the TAEHV decoder (random weights of the taew2_1 shape)
 #   decoder    bench_latent_decoder.py: Wan VAE vs TAEHV per latent frame at 480x832
 #   attention  bench_attention.py: kernels beside SDPA flash/cuDNN at the 1.3B and 14B shapes
@@ -13,7 +15,7 @@
 set -u
 out=${1:-bench/results}
 shift || true
-parts=${*:-tests stream batch taehv decoder attention 14b peer}
+parts=${*:-tests probe stream batch shared taehv decoder attention 14b peer}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl 2>&1 | tail -2
@@ -27,6 +29,9 @@ for part in $parts; do
   stream) for attn in sdpa sdpa_cudnn; do
             timeout 200 python3 bench/bench_stream.py --attention $attn --chunks 8 --out "$out" 2>&1 | tail -4
           done ;;
+  probe) timeout 120 python3 bench/probe_sdpa_layout.py --out "$out" 2>&1 | tail -8 ;;
+  shared) timeout 240 python3 bench/bench_shared_forwards.py --shape 1.3b --mode v2v --device cuda --sessions 1,2,4 \
+            --out "$out" 2>&1 | tail -6 ;;
   batch) timeout 150 python3 bench/bench_stream.py --attention sdpa_cudnn --configs t2v --stream-batch --chunks 8 \
            --out "$out" 2>&1 | tail -3 ;;
   taehv) timeout 150 python3 bench/bench_stream.py --attention sdpa_cudnn --configs t2v --decoder taehv --chunks 8 \
