@@ -1,6 +1,8 @@
 """Tiny-world training code on CPU at tiny shapes: each stage overfits a fixed batch, and the stages chain into a
 folder that ``StreamPipeline.from_pretrained`` streams from."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -175,6 +177,31 @@ def test_stages_chain_into_a_streamable_folder(tmp_path):
     assert report["switch"]["settle_chunks"] == eval_model.SWITCH_SETTLE_CHUNKS
     assert report["stability"]["without_sink"]["sink_frames"] == 0
     assert (tmp_path / "eval.json").is_file()
+
+    # A fine-tune of the exported model, with caption dropout, re-exported with guidance on: the VAE comes from the
+    # exported folder and the earlier runs stay on record in training.json.
+    tuned = train_dit.train(
+        train_dit.DiTTrainConfig(
+            vae=str(out / "vae"),
+            out=str(tmp_path / "tuned"),
+            init=str(out),
+            steps=1,
+            batch=2,
+            size=SIZE,
+            clips=2,
+            latent_frames=6,
+            uncond_prob=0.5,
+            **TINY_DIT,
+        )
+    )
+    assert tuned["config"]["uncond_prob"] == 0.5
+    export.export(str(out / "vae"), str(tmp_path / "tuned"), str(tmp_path / "guided"), guidance_scale=2.5)
+    guided = StreamPipeline.from_pretrained(tmp_path / "guided")
+    assert guided.stream_config().guidance_scale == 2.5
+    logs = json.loads((tmp_path / "guided" / train_dit.EXPORT_LOG_FILE).read_text())
+    assert logs["vae"]["steps"] == 2 and logs["dit"]["steps"] == 1 and logs["earlier"]["dit"]["steps"] == 2
+    with guided.session("a small red circle moving up-left on a grey background", seed=0) as s:
+        assert s.cache.batch == 2 and next(s).shape == (1, SIZE, SIZE, 3)
 
 
 def test_teacher_forcing_pass_equals_the_stream():
