@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import logging
 import math
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 from stream_runtime.attention import available_backends
@@ -94,6 +96,8 @@ def _stream_overrides(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
+    if args.strength is not None:
+        overrides["strength"] = args.strength
     if args.guidance_scale is not None:
         overrides["guidance_scale"] = args.guidance_scale
     if args.negative_prompt is not None:
@@ -119,8 +123,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     height, width = args.height or pipe.default_resolution[0], args.width or pipe.default_resolution[1]
     total = math.ceil(args.seconds * args.fps)
+    source = None if args.input is None else _input_frames(args.input, height, width, args.fps)  # fails early
     writer = VideoWriter(args.out, fps=args.fps)
-    session = pipe.session(args.prompt, seed=args.seed, height=height, width=width, **_stream_overrides(args))
+    mode = "t2v" if source is None else "v2v"
+    overrides = _stream_overrides(args)
+    session = pipe.session(args.prompt, seed=args.seed, mode=mode, height=height, width=width, **overrides)
     switches = sorted(_parse_switches(args.switch, args.fps))
     bar = tqdm(total=total, unit="frame", desc="generating", dynamic_ncols=True)
     start = time.perf_counter()
@@ -129,7 +136,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             while writer.frames_written < total:
                 while switches and switches[0][0] <= writer.frames_written:
                     session.set_prompt(switches.pop(0)[1])
-                frames = session.next_chunk()[: total - writer.frames_written]
+                frames = session.next_chunk() if source is None else _next_v2v_chunk(session, source)
+                if frames is None:  # the input video ended
+                    break
+                frames = frames[: total - writer.frames_written]
                 writer.write(frames)
                 bar.update(len(frames))
                 bar.set_postfix(fps=f"{writer.frames_written / (time.perf_counter() - start):.1f}")
@@ -144,6 +154,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"in {elapsed:.1f} s ({writer.frames_written / elapsed:.1f} frames/s)"
     )
     return 0
+
+
+def _input_frames(path: str, height: int, width: int, fps: float):
+    """Frames of the input video for video-to-video: resampled to ``fps`` and stretched to the session's size."""
+    from stream_runtime.ingest.sampling import Resize, Sampling
+    from stream_runtime.ingest.sources import FileSource
+
+    source = FileSource(path, sampling=Sampling(fps=fps), resize=Resize(width=width, height=height, keep_aspect=False))
+    return (frame for _, frame in source)
+
+
+def _next_v2v_chunk(session, frames) -> np.ndarray | None:
+    """Feed ``session`` input frames until a chunk comes out; None once the input ends and nothing is in flight
+    (a stream batch is drained first, so its last chunks come out too)."""
+    while True:
+        need = session.frames_needed()
+        batch = list(itertools.islice(frames, need))
+        if batch:
+            session.push_frames(np.stack(batch))
+        if len(batch) < need:  # the input ended
+            if not session.chunks_in_flight:
+                return None
+            session.set_stream_batch(False)
+        out = session.next_chunk()
+        if out is not None:
+            return out
 
 
 def _parse_switches(items: list[str] | None, fps: float) -> list[tuple[int, str]]:
@@ -273,9 +309,16 @@ def add_generate_args(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
     gen.add_argument("--switch", action="append", metavar="SECONDS:PROMPT", help="live prompt switch (repeatable)")
+    gen.add_argument(
+        "--input",
+        metavar="VIDEO",
+        help="video-to-video: restyle this video file or URL (resampled to --fps, stretched to the model's size) "
+        "instead of generating from noise; stops at its end or after --seconds",
+    )
     s = gen.add_argument_group("stream")
     s.add_argument("--steps", help="comma-separated step list before the shift, e.g. 1000,750,500,250")
     s.add_argument("--shift", type=float)
+    s.add_argument("--strength", type=float, help="video-to-video: how far the input is noised, in (0, 1]")
     s.add_argument(
         "--sampler", choices=SAMPLERS, help="renoise (distilled models) or euler (flow ODE); default: the model's"
     )
@@ -390,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stream-runtime", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="stream text-to-video into an MP4 file")
+    gen = sub.add_parser("generate", help="stream text-to-video (or, with --input, video-to-video) into an MP4 file")
     add_generate_args(gen)
     gen.set_defaults(func=cmd_generate)
 

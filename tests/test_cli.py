@@ -63,9 +63,26 @@ def test_interrupted_run_leaves_a_playable_file(tmp_path, monkeypatch):
     assert read_video(out).shape[0] == 9 + 12  # the two chunks made before Ctrl-C
 
 
+@pytest.mark.parametrize("extra", [[], ["--stream-batch", "--strength", "0.7"]])
+def test_generate_from_an_input_video_restyles_it_to_its_end(tmp_path, capsys, extra):
+    from helpers import write_clip
+
+    frames = np.zeros((23, 32, 32, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        frame[:, i : i + 6] = 255  # a bar moving right
+    clip = write_clip(tmp_path / "in.mp4", frames, fps=16)
+    out = tmp_path / "out.mp4"
+    argv = ["generate", "--input", str(clip), "--prompt", "a red fox", "--seconds", "10", "--out", str(out)]
+    assert cli.main(argv + ["--height", "32", "--width", "32", *extra]) == 0
+    # 1 + 4 + 4 + ... frames per chunk: 21 of the 23 (the last 2 do not fill a chunk); a stream batch is drained.
+    assert read_video(out).shape == (21, 32, 32, 3)
+    assert "wrote 21 frames" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
+        (["--input", "/nonexistent/in.mp4"], "cannot ingest"),
         (["--seconds", "0"], "--seconds must be > 0"),
         (["--height", "30"], "height must be a positive multiple of 16"),
         (["--checkpoint", "x.pt"], "--checkpoint needs --model"),

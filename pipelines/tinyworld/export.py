@@ -52,9 +52,7 @@ def stage_logs(vae_dir: pathlib.Path, dit_dir: pathlib.Path) -> dict:
     return logs
 
 
-def export(
-    vae_dir: str, dit_dir: str, out: str, max_mb: float = MAX_MB, guidance_scale: float | None = None
-) -> dict:
+def export(vae_dir: str, dit_dir: str, out: str, max_mb: float = MAX_MB, guidance_scale: float | None = None) -> dict:
     """Assemble, save, size-check and reload the model; return a summary (folder, size, frames of one chunk).
     ``guidance_scale``: the stream's default classifier-free guidance (for a transformer trained with
     ``--uncond-prob``; None keeps the runtime's default, off)."""
