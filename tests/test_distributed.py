@@ -6,6 +6,7 @@ import time
 import traceback
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -114,10 +115,14 @@ def single_process(pipe, config, num_chunks, switches=()):
     return session_chunks(pipe, config, num_chunks, "a red fox", 7, SIZE, SIZE, switches)
 
 
-def distributed(pipe, config, world, num_chunks, tmp_path, switches=(), **plan):
+def distributed(pipe, config, world, num_chunks, tmp_path, switches=(), source=None, **plan):
+    """The stages' chunks; ``source``: video-to-video input frames ``[T, H, W, 3]`` (read by the first stage)."""
     lag = (len(config.timesteps) + int(config.context_pass) - 1) * config.stream_batch_stride
     forwards = tuple((0 if k == 0 else k + lag, prompt) for k, prompt in switches)
-    plan = RunPlan("a red fox", 7, num_chunks, SIZE, SIZE, config, switches=forwards, timeout_s=STAGE_TIMEOUT_S, **plan)
+    mode = "t2v" if source is None else "v2v"
+    plan = RunPlan(
+        "a red fox", 7, num_chunks, SIZE, SIZE, config, switches=forwards, timeout_s=STAGE_TIMEOUT_S, mode=mode, **plan
+    )
 
     def fn(rank, world):
         chunks = []
@@ -128,6 +133,7 @@ def distributed(pipe, config, world, num_chunks, tmp_path, switches=(), **plan):
             world,
             Channel(rank, torch.device("cpu"), plan.timeout_s),
             on_chunk=lambda c, x0, frames: chunks.append((c, x0, frames)),
+            source=None if source is None else iter(source),
         )
         stage.run()
         return {"chunks": chunks, "report": stage.report, "layers": list(stage.layers)}
@@ -210,6 +216,36 @@ def test_stages_equal_single_process_bounded_no_context_pass(pipe, tmp_path, sam
     assert report["blocks_after"] == report["rounds"][1]["blocks_after"] == final
 
 
+def test_three_stages_video_to_video_equal_single_process(pipe, tmp_path):
+    """The middle stage passes a new chunk's noisy input on with the activations; a prompt switch recaches."""
+    config = StreamConfig(
+        chunk_frames=1,
+        sink_frames=1,
+        window_frames=3,
+        timesteps=(700.0, 500.0),
+        shift=8.0,
+        strength=0.8,
+        context_pass=False,
+        stream_batch=True,
+        stream_batch_stride=3,
+    )
+    num_chunks = 6
+    frames = np.random.default_rng(3).integers(0, 256, (1 + 4 * (num_chunks - 1), SIZE, SIZE, 3), dtype=np.uint8)
+    reference = []
+    with pipe.session("a red fox", seed=7, mode="v2v", height=SIZE, width=SIZE, config=config) as s:
+        s.push_frames(frames)
+        while len(reference) < num_chunks:
+            if len(reference) == 2:
+                s.set_prompt("a blue sea")
+            out = s.next_chunk()
+            if out is None:  # the input is used up: drain the chunks in flight
+                s.set_stream_batch(False)
+                continue
+            reference.append((s.cache.kept_latents()[1][:, :, -1:].clone(), out))
+    results = distributed(pipe, config, 3, num_chunks, tmp_path, switches=[(2, "a blue sea")], source=frames)
+    assert_same_chunks(results[-1]["chunks"], reference)
+
+
 def test_a_dead_rank_ends_the_run_with_a_clear_error(tmp_path):
     def fn(rank, world):
         if rank == 1:
@@ -282,4 +318,28 @@ def test_torchrun_writes_the_same_mp4_as_the_single_process_cli(tmp_path):
     done = run_torchrun([*args, *common, "--out", str(multi), "--timeout", "30"], RUN_TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "over 2 stages" in done.stdout
+    assert multi.read_bytes() == single.read_bytes()
+
+
+def test_torchrun_video_to_video_writes_the_same_mp4_as_the_single_process_cli(tmp_path):
+    """``--input``: rank 0 reads and encodes the input video, the new chunks' noisy inputs travel to the last stage
+    with the activations; the MP4 is byte for byte the single-process stream batch's, which drains at the input's
+    end as the stages' schedule does."""
+    from helpers import write_clip
+
+    from stream_runtime.apps.cli import main as cli_main
+
+    frames = np.zeros((27, 32, 32, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        frame[8:20, i : i + 8] = (255, 60, 0)
+    clip = write_clip(tmp_path / "in.mp4", frames, fps=8)
+    common = ["--tiny-random", "--input", str(clip), "--prompt", "a red fox", "--seconds", "10", "--fps", "8"]
+    common += ["--height", "32", "--width", "32", "--steps", "700,500", "--strength", "0.8"]
+    single, multi = tmp_path / "single.mp4", tmp_path / "multi.mp4"
+    assert cli_main(["generate", *common, "--stream-batch", "--stream-batch-stride", "2", "--out", str(single)]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["--nproc_per_node=2", f"--master_port={free_port()}", "-m", "stream_runtime.distributed.generate"]
+    done = run_torchrun([*args, *common, "--out", str(multi), "--timeout", "30"], RUN_TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wrote 25 frames" in done.stdout  # 1 + 4 + ... : the 2 frames left do not fill a chunk
     assert multi.read_bytes() == single.read_bytes()

@@ -247,7 +247,7 @@ class StreamSession:
     def _end_drained_batch(self) -> None:
         if self._stream_batch is not None and self._stream_batch.finished:  # later chunks run sequentially
             self._stream_batch = None
-            self.config = self.config.replace(stream_batch=False)
+            self.config = self.config.replace(stream_batch=False, stream_batch_stride=1)
 
     def push_frames(self, frames: np.ndarray | torch.Tensor) -> None:
         """Buffer input frames for video-to-video: uint8 ``[T, H, W, 3]`` (RGB) at the session's resolution."""

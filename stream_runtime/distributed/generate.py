@@ -6,7 +6,8 @@
 
 Takes the arguments of ``stream-runtime generate`` plus the stage options below, and writes the same MP4 as
 ``stream-runtime generate --stream-batch --stream-batch-stride N`` (N = number of processes) with the same
-arguments: the last stage decodes and writes it. Every wait on another rank is bounded by ``--timeout``.
+arguments: the last stage decodes and writes it. ``--input VIDEO`` (video-to-video): the first stage reads and
+encodes the input, the last decodes. Every wait on another rank is bounded by ``--timeout``.
 """
 
 from __future__ import annotations
@@ -116,7 +117,15 @@ def load(args: argparse.Namespace, device: torch.device):
     return load_pipeline(args)
 
 
-def make_plan(args: argparse.Namespace, pipe, world: int) -> RunPlan:
+def usable_input_frames(frames: int, chunk_frames: int, temporal_factor: int) -> int:
+    """Input frames that whole video-to-video chunks consume out of ``frames`` (the first chunk takes
+    ``1 + t * (F - 1)``, every later one ``t * F``); the output has as many."""
+    first, later = 1 + temporal_factor * (chunk_frames - 1), temporal_factor * chunk_frames
+    return 0 if frames < first else first + (frames - first) // later * later
+
+
+def make_plan(args: argparse.Namespace, pipe, world: int, input_frames: int | None = None) -> RunPlan:
+    """The run every rank makes; ``input_frames``: video-to-video, the frames of the input (read on rank 0)."""
     from stream_runtime.apps.cli import _parse_switches, _stream_overrides
     from stream_runtime.pipelines.wan.stream_batch import passes_of
 
@@ -125,9 +134,16 @@ def make_plan(args: argparse.Namespace, pipe, world: int) -> RunPlan:
     overrides = _stream_overrides(args)
     overrides["stream_batch"] = True
     overrides.setdefault("stream_batch_stride", world)
-    config = pipe.stream_config("t2v", **overrides)
-    height, width = args.height or pipe.default_resolution[0], args.width or pipe.default_resolution[1]
-    counts = chunk_frame_counts(math.ceil(args.seconds * args.fps), config.chunk_frames, pipe.temporal_factor)
+    mode = "t2v" if input_frames is None else "v2v"
+    config = pipe.stream_config(mode, **overrides)
+    height, width = resolution(args, pipe)
+    total = math.ceil(args.seconds * args.fps)
+    if input_frames is not None:
+        usable = usable_input_frames(input_frames, config.chunk_frames, pipe.temporal_factor)
+        if usable == 0:
+            raise ValueError(f"--input has {input_frames} frames at --fps {args.fps:g}: too few for one chunk")
+        total = min(total, usable)
+    counts = chunk_frame_counts(total, config.chunk_frames, pipe.temporal_factor)
     lag = (passes_of(config) - 1) * config.stream_batch_stride
     return RunPlan(
         prompt=args.prompt,
@@ -144,7 +160,34 @@ def make_plan(args: argparse.Namespace, pipe, world: int) -> RunPlan:
         measure_forwards=args.measure_forwards,
         rebalance_rounds=args.rebalance_rounds if args.rebalance == "auto" else 1,
         timeout_s=args.timeout,
+        mode=mode,
     )
+
+
+def resolution(args: argparse.Namespace, pipe) -> tuple[int, int]:
+    return args.height or pipe.default_resolution[0], args.width or pipe.default_resolution[1]
+
+
+def read_input(args: argparse.Namespace, pipe, rank: int) -> list | None:
+    """Video-to-video: rank 0 decodes the whole input (resampled and resized as ``stream-runtime generate``
+    does); every rank learns its frame count, or the error that ended the read, so no rank waits for a rank 0
+    that failed. Returns rank 0's frames (None on the others, and without ``--input``)."""
+    from stream_runtime.apps.cli import _input_frames
+
+    if args.input is None:
+        return None
+    frames, news = None, [None]
+    if rank == 0:
+        try:
+            frames = list(_input_frames(args.input, *resolution(args, pipe), args.fps))
+            news = [len(frames)]
+        except ValueError as exc:
+            news = [f"error: {exc}"]
+    dist.broadcast_object_list(news, src=0)
+    if isinstance(news[0], str):
+        raise ValueError(news[0].removeprefix("error: "))
+    args.input_frames = news[0]
+    return frames
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
     try:
         pipe = load(args, device)
-        plan = make_plan(args, pipe, world)
+        frames = read_input(args, pipe, rank)
+        plan = make_plan(args, pipe, world, getattr(args, "input_frames", None))
         total = math.ceil(args.seconds * args.fps)
         writer = VideoWriter(args.out, fps=args.fps) if rank == world - 1 else None
 
@@ -163,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             writer.write(frames[: total - writer.frames_written])
 
         start = time.perf_counter()
-        stage = PipelineStage(pipe, plan, rank, world, Channel(rank, device, plan.timeout_s), on_chunk=write)
+        channel = Channel(rank, device, plan.timeout_s)
+        source = iter(frames) if frames is not None else None
+        stage = PipelineStage(pipe, plan, rank, world, channel, on_chunk=write, source=source)
         log.info("blocks %s of %d, %d chunks", list(stage.layers), pipe.net.num_layers, plan.num_chunks)
         if writer is not None:
             with writer:

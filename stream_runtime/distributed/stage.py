@@ -17,9 +17,10 @@ config (``stream_batch_stride`` = number of stages): the same passes, in the sam
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ from stream_runtime.cache import CacheLayout, RollingKVCache
 from stream_runtime.config import StreamConfig
 from stream_runtime.pipelines.wan import sampling
 from stream_runtime.pipelines.wan.stream_batch import passes_of
+from stream_runtime.pipelines.wan.vae_stream import StreamingVAEEncoder
 from stream_runtime.stream_batch import StreamBatchSchedule, pass_noise
 
 from .comm import TAG_FORWARD, TAG_LAYERS, TAG_RESULT, Channel
@@ -67,8 +69,16 @@ class RunPlan:
     timed 405 ms per forward for 15 blocks right after the warm-up and 226 ms for 16 blocks one window later, so
     one round moved a single block off the last stage, which also decodes."""
     timeout_s: float = 300.0
+    mode: str = "t2v"
+    """``t2v``, or ``v2v``: the first stage encodes each entering chunk's input frames (from its ``source``) and
+    noises them to the first level of the step list after ``config.strength``; the noisy input travels with the
+    forward's activations to the last stage, which needs it for the chunk's clean estimate."""
 
     def __post_init__(self) -> None:
+        if self.mode not in ("t2v", "v2v"):
+            raise ValueError(f"mode must be 't2v' or 'v2v', got {self.mode!r}")
+        if self.mode == "v2v" and self.config.motion_aware:
+            raise ValueError("motion-aware strength is not supported over pipeline stages: set motion_aware=False")
         if self.rebalance_rounds < 1:
             raise ValueError(f"rebalance_rounds must be >= 1, got {self.rebalance_rounds}")
         if self.rebalance_rounds > 1 and self.rebalance != "auto":
@@ -99,8 +109,11 @@ class PipelineStage:
         world: int,
         channel: Channel,
         on_chunk: Callable[[int, torch.Tensor, np.ndarray], None] | None = None,
+        source: Iterator[np.ndarray] | None = None,
     ) -> None:
         config = plan.config
+        if plan.mode == "v2v" and rank == 0 and source is None:
+            raise ValueError("a video-to-video pipeline needs the input frames on the first stage: pass source=")
         if not config.stream_batch:
             raise ValueError("a pipeline over stages runs the stream batch: pass a config with stream_batch=True")
         if config.blend_chunks:
@@ -123,7 +136,10 @@ class PipelineStage:
             raise ValueError(f"bounds give {len(self.ranges)} stages for {world} ranks")
         self.schedule = StreamBatchSchedule(passes_of(config), config.stream_batch_stride)
         self.steps = len(config.timesteps)
-        self.sigmas = sampling.sigmas_for(config.timesteps, config.shift)
+        strength = config.strength if plan.mode == "v2v" else 1.0  # a v2v field; t2v starts from pure noise
+        self.sigmas = sampling.sigmas_for(config.timesteps, config.shift, strength)
+        self.source = source  # first stage, video-to-video: uint8 [H, W, 3] input frames
+        self.encoder = StreamingVAEEncoder(pipe.vae) if plan.mode == "v2v" and rank == 0 else None
         pipe.check_resolution(plan.height, plan.width)
         factor = pipe.vae.config.scale_factor_spatial
         self.latent_shape = (pipe.vae.config.z_dim, plan.height // factor, plan.width // factor)
@@ -204,8 +220,10 @@ class PipelineStage:
             self._switch_first(f)
             self._settle()
             start = time.perf_counter()
-            x = torch.cat([self.inputs.pop(c) if p else self._noise(c, 0) for c, p in items])
-            h = self.net.embed(x)
+            xs = [self.inputs.pop(c) if p else self._start(c) for c, p in items]
+            # Video-to-video: the last stage needs a new chunk's noisy input (it cannot draw it as noise).
+            extra = [xs[b] for b, (_, p) in enumerate(items) if p == 0] if self.plan.mode == "v2v" else []
+            h = self.net.embed(torch.cat(xs))
             self._extra(start)
         else:
             meta, tensors = self.channel.recv(self.rank - 1, TAG_FORWARD, f"forward {f}")
@@ -214,8 +232,8 @@ class PipelineStage:
                 meta, tensors = self.channel.recv(self.rank - 1, TAG_FORWARD, f"forward {f}")
             if meta["forward"] != f or [tuple(i) for i in meta["items"]] != items:
                 raise RuntimeError(f"rank {self.rank}: expected forward {f} {items}, got {meta}")
-            h = tensors[0]
-        self._through(f, items, h)
+            h, extra = tensors[0], tensors[1:]
+        self._through(f, items, h, extra)
 
     # -- an endless stream driven from outside (serving: stream_runtime.distributed.serve)
 
@@ -240,10 +258,11 @@ class PipelineStage:
         f, items = meta["forward"], [tuple(i) for i in meta["items"]]
         if items != self.schedule.items(f, self.plan.num_chunks):
             raise RuntimeError(f"rank {self.rank}: forward {f} holds {items}, the schedule says otherwise")
-        self._through(f, items, tensors[0])
+        self._through(f, items, tensors[0], tensors[1:])
 
-    def _through(self, f: int, items: list[tuple[int, int]], h: torch.Tensor) -> None:
-        """This stage's blocks over forward ``f``'s activations ``h``; then send on, or finish (last stage)."""
+    def _through(self, f: int, items: list[tuple[int, int]], h: torch.Tensor, extra: list[torch.Tensor]) -> None:
+        """This stage's blocks over forward ``f``'s activations ``h``; then send on (with ``extra``: a new chunk's
+        video-to-video input), or finish (last stage)."""
         fc = self.config.chunk_frames
         self._settle()
         start = time.perf_counter()
@@ -259,9 +278,9 @@ class PipelineStage:
         if leaving is not None:
             self.cache.commit(leaving * fc, fc)
         if not self.last:
-            self.channel.send(self.rank + 1, {"forward": f, "items": items}, [h], TAG_FORWARD)
+            self.channel.send(self.rank + 1, {"forward": f, "items": items}, [h, *extra], TAG_FORWARD)
         else:
-            self._finish(f, items, h, cond, leaving)
+            self._finish(f, items, h, cond, leaving, extra)
 
     def _blocks(self, h: torch.Tensor, cond, commit_item: int | None) -> torch.Tensor:
         for layer in self.layers:
@@ -280,13 +299,15 @@ class PipelineStage:
                 self._block_s[layer] += time.perf_counter() - start
         return h
 
-    def _finish(self, f: int, items, h: torch.Tensor, cond, leaving: int | None) -> None:
+    def _finish(self, f: int, items, h: torch.Tensor, cond, leaving: int | None, extra: list[torch.Tensor]) -> None:
         """Last stage: head, x0, next inputs back to the first stage, decode of the chunk that left."""
         start = time.perf_counter()
         flow = self.net.head(h, cond).float()
         # x0 = x - sigma * flow needs each chunk's pass input: the last stage made every one of them itself (as
-        # re-noised or context-pass inputs) except a new chunk's noise, which it draws again.
-        xs = [self._pass_inputs.pop(c) if p else self._noise(c, 0) for c, p in items]
+        # re-noised or context-pass inputs) except a new chunk's: noise, which it draws again, or in
+        # video-to-video the noisy encoded input, which came with the activations.
+        new = iter(extra)
+        xs = [self._pass_inputs.pop(c) if p else (next(new) if extra else self._noise(c, 0)) for c, p in items]
         chunks, nexts, out = [], [], None
         for b, (c, p) in enumerate(items):
             x0 = xs[b] if p == self.steps else sampling.to_x0(xs[b], flow[b : b + 1], self.sigmas[p])
@@ -351,6 +372,22 @@ class PipelineStage:
             if meta["forward"] != g:
                 raise RuntimeError(f"rank 0: expected the result of forward {g}, got {meta['forward']}")
             self._take_result(meta, tensors)
+
+    def _start(self, chunk: int) -> torch.Tensor:
+        """First stage: a new chunk's first pass input: noise, or in video-to-video its next input frames encoded
+        and noised to the first level (as ``StreamBatchRunner`` does in one process)."""
+        if self.plan.mode == "t2v":
+            return self._noise(chunk, 0)
+        t = self.pipe.temporal_factor
+        need = 1 + t * (self.config.chunk_frames - 1) if chunk == 0 else t * self.config.chunk_frames
+        frames = list(itertools.islice(self.source, need))
+        if len(frames) < need:
+            raise ValueError(f"the input video ended before chunk {chunk}: {len(frames)} of its {need} frames left")
+        vae_dtype = next(self.pipe.vae.parameters()).dtype
+        pixels = torch.from_numpy(np.stack(frames)).to(self.pipe.device).permute(3, 0, 1, 2)[None]
+        z = self.encoder.encode(pixels.to(vae_dtype) / 127.5 - 1.0).float()
+        noise = pass_noise(self.plan.seed, chunk, 0, z.shape, self.pipe.device)
+        return sampling.add_noise(z, noise, self.sigmas[0])
 
     def _noise(self, chunk: int, pass_index: int) -> torch.Tensor:
         shape = (1, self.latent_shape[0], self.config.chunk_frames, *self.latent_shape[1:])
