@@ -147,6 +147,7 @@ def test_stages_chain_into_a_streamable_folder(tmp_path):
     pipe = StreamPipeline.from_pretrained(out)
     assert pipe.default_resolution == (SIZE, SIZE)
     assert pipe.stream_config() == model.STREAM
+    assert pipe.stream_config("v2v") == model.STREAM.replace(strength=model.V2V_STRENGTH)  # the trained layout
     with pipe.session("a small red circle moving up-left on a grey top and navy bottom background", seed=0) as s:
         first, second = next(s), next(s)
     assert first.shape == (1, SIZE, SIZE, 3) and second.shape == (4, SIZE, SIZE, 3)

@@ -62,7 +62,8 @@ def export(vae_dir: str, dit_dir: str, out: str, max_mb: float = MAX_MB, guidanc
             raise ValueError(f"{what}: expected a folder, got {str(folder)!r}")
     defaults = runtime_defaults(*train_dit.load_trained_for(dit_dir))
     if guidance_scale is not None:
-        defaults["stream_t2v"]["guidance_scale"] = guidance_scale
+        for mode in ("stream_t2v", "stream_v2v"):
+            defaults[mode]["guidance_scale"] = guidance_scale
     pipe = StreamPipeline(
         WanTransformer3DModel.from_pretrained(dit_dir / "transformer"),
         AutoencoderKLWan.from_pretrained(vae_dir),

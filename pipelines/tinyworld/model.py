@@ -195,9 +195,15 @@ def encode_tokens(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.
     return states * mask[..., None].to(states.dtype)
 
 
+V2V_STRENGTH = 0.6
+"""Video-to-video noise strength of the exported folder: the input keeps its layout and motion, the prompt redraws
+it. A choice, not tuned on a measurement."""
+
+
 def runtime_defaults(stream: StreamConfig = STREAM, size: int = NATIVE_SIZE) -> dict[str, Any]:
     """Contents of the exported folder's ``stream_runtime.json`` for a model trained on ``stream`` at
-    ``size x size``."""
+    ``size x size``. Video-to-video uses the trained cache layout and sampler too (the runtime's generic v2v
+    defaults are StreamDiffusionV2's layout, which this model never saw), at :data:`V2V_STRENGTH`."""
     return {
         "height": size,
         "width": size,
@@ -206,6 +212,7 @@ def runtime_defaults(stream: StreamConfig = STREAM, size: int = NATIVE_SIZE) -> 
         "unknown_words": UNKNOWN_WORDS,
         "example_prompt": EXAMPLE_PROMPT,
         "stream_t2v": stream_fields(stream),
+        "stream_v2v": {**stream_fields(stream), "strength": V2V_STRENGTH},
     }
 
 
