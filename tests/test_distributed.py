@@ -294,7 +294,6 @@ def test_a_channel_on_cuda_needs_the_groups_per_direction():
 def test_torchrun_writes_the_same_mp4_as_the_single_process_cli(tmp_path):
     """The launch path end to end: 2 gloo processes under torchrun write the MP4 that `stream-runtime generate
     --stream-batch --stream-batch-stride 2` writes, byte for byte (same frames, same encoder settings)."""
-    from stream_runtime.apps.cli import main as cli_main
 
     common = [
         "--tiny-random",
@@ -311,14 +310,23 @@ def test_torchrun_writes_the_same_mp4_as_the_single_process_cli(tmp_path):
     ]
     common += ["--steps", "1000,500", "--chunk-frames", "1", "--window-frames", "3", "--sink-frames", "1"]
     common += ["--switch", "1:a blue sea"]
+    single, multi, done = cli_and_torchrun(common, tmp_path)
+    assert "over 2 stages" in done.stdout
+    assert multi == single
+
+
+def cli_and_torchrun(common: list[str], tmp_path) -> tuple[bytes, bytes, object]:
+    """The MP4 bytes of ``stream-runtime generate --stream-batch --stream-batch-stride 2 COMMON`` and of the same
+    under torchrun on 2 gloo processes, and torchrun's completed process."""
+    from stream_runtime.apps.cli import main as cli_main
+
     single, multi = tmp_path / "single.mp4", tmp_path / "multi.mp4"
     assert cli_main(["generate", *common, "--stream-batch", "--stream-batch-stride", "2", "--out", str(single)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = ["--nproc_per_node=2", f"--master_port={free_port()}", "-m", "stream_runtime.distributed.generate"]
     done = run_torchrun([*args, *common, "--out", str(multi), "--timeout", "30"], RUN_TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "over 2 stages" in done.stdout
-    assert multi.read_bytes() == single.read_bytes()
+    return single.read_bytes(), multi.read_bytes(), done
 
 
 def test_torchrun_video_to_video_writes_the_same_mp4_as_the_single_process_cli(tmp_path):
@@ -327,19 +335,12 @@ def test_torchrun_video_to_video_writes_the_same_mp4_as_the_single_process_cli(t
     end as the stages' schedule does."""
     from helpers import write_clip
 
-    from stream_runtime.apps.cli import main as cli_main
-
     frames = np.zeros((27, 32, 32, 3), np.uint8)
     for i, frame in enumerate(frames):
         frame[8:20, i : i + 8] = (255, 60, 0)
     clip = write_clip(tmp_path / "in.mp4", frames, fps=8)
     common = ["--tiny-random", "--input", str(clip), "--prompt", "a red fox", "--seconds", "10", "--fps", "8"]
     common += ["--height", "32", "--width", "32", "--steps", "700,500", "--strength", "0.8"]
-    single, multi = tmp_path / "single.mp4", tmp_path / "multi.mp4"
-    assert cli_main(["generate", *common, "--stream-batch", "--stream-batch-stride", "2", "--out", str(single)]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = ["--nproc_per_node=2", f"--master_port={free_port()}", "-m", "stream_runtime.distributed.generate"]
-    done = run_torchrun([*args, *common, "--out", str(multi), "--timeout", "30"], RUN_TIMEOUT_S, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    single, multi, done = cli_and_torchrun(common, tmp_path)
     assert "wrote 25 frames" in done.stdout  # 1 + 4 + ... : the 2 frames left do not fill a chunk
-    assert multi.read_bytes() == single.read_bytes()
+    assert multi == single
