@@ -197,7 +197,6 @@ class StreamSession:
             )
         if config.guided and config.negative_prompt != self.config.negative_prompt:
             self._negative = self.pipe.encode_negative_prompt(config.negative_prompt)
-            self.config = config
             self._text = self._text_kv(self._embeds)
         self.config = config
         self._sigmas = sampling.sigmas_for(config.timesteps, config.shift)
