@@ -138,7 +138,7 @@ class StreamConfig:
         if self.stream_batch and self.guided:
             raise ValueError(
                 "stream_batch does not support classifier-free guidance (its batch holds chunks at different passes); "
-                "set guidance_scale=1"
+                "set guidance_scale=1 (on the command line: --guidance-scale 1)"
             )
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
