@@ -81,3 +81,12 @@ def test_slo_calibration_measures_every_group_size(make_engine):
 def test_engine_config_checks_the_group_limit():
     with pytest.raises(ValueError, match="max_sessions_per_forward"):
         EngineConfig(max_sessions_per_forward=0)
+
+
+def test_admission_counts_a_guided_sessions_two_cache_rows(make_engine, pipe):
+    engine = make_engine()
+    config, height, width = engine.resolve(request())
+    plain = engine.estimate_bytes(config, height, width)
+    guided = engine.estimate_bytes(config.replace(guidance_scale=3.0), height, width)
+    with pipe.session("a red fox", height=height, width=width, config=config.replace(guidance_scale=3.0)) as s:
+        assert guided == s.cache.memory_bytes() == 2 * plain

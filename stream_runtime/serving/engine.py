@@ -263,8 +263,9 @@ class Engine:
         latent_shape = (pipe.vae.config.z_dim, height // factor, width // factor)
         grid = net.grid(*latent_shape[1:])
         layout = CacheLayout(grid[0] * grid[1], config.sink_frames, config.window_frames, config.chunk_frames)
+        rows = 2 if config.guided else 1  # guidance keeps a cache row per branch
         cache = RollingKVCache(
-            layout, net.num_layers, 1, net.heads, net.head_dim, latent_shape, dtype=pipe.dtype, device="meta"
+            layout, net.num_layers, rows, net.heads, net.head_dim, latent_shape, dtype=pipe.dtype, device="meta"
         )
         return cache.memory_bytes() + self.config.session_overhead_bytes
 
