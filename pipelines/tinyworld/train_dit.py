@@ -138,6 +138,8 @@ class DiTTrainConfig:
     """Processes rendering the training streams."""
     encode_batch: int = 256
     log_every: int = 50
+    threads: int | None = None
+    """CPU threads for torch (None: torch's default); the CPU fine-tunes of the shipped model used 1."""
     init: str | None = None
     """Continue from an earlier run's folder (its ``transformer/`` and ``text_encoder/``; their shapes win over
     ``layers``/``heads``/... and the stream must match): chains 10-minute runs into a longer training."""
@@ -345,6 +347,8 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         raise ValueError(f"text: expected 'train' or 'frozen', got {cfg.text!r}")
     stream = cfg.stream()
     check_stream_layout(stream)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     device = common.pick_device(cfg.device)
     common.seed_everything(cfg.seed)
     out = pathlib.Path(cfg.out)
@@ -500,7 +504,7 @@ def parse_args(argv: list[str] | None = None) -> DiTTrainConfig:
             continue
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
-        if field.name == "steps":
+        if field.name in ("steps", "threads"):
             parser.add_argument(flag, type=int, default=None)
         elif field.name == "init":
             parser.add_argument(flag, default=None, help="folder of an earlier run to continue from")
