@@ -7,6 +7,7 @@
 # eval.json (the exported model over 50 held-out prompts, streamed on the GPU). EXTRA arguments go to the trainer
 # (e.g. --freeze-encoder, --context-noise 0.3); pass "" for an absent INIT. Set TW_NO_INSTALL=1 when the wheels are installed already
 # (two stages started side by side, e.g. CUDA_VISIBLE_DEVICES=0 / 1 on a 2-GPU machine, with distinct TAGs).
+# GUIDANCE=4 exports (and evaluates) the transformer with that classifier-free guidance: for runs with --uncond-prob.
 # The VAE recipe: 17-frame clips (5 latent frames: the decoder's steady state, which 9-frame clips never reach,
 # is what a stream runs in), a rendered pool on the GPU, foreground-weighted L1 + squared error (L1 alone tied
 # the red and green outputs), fp32/TF32 (as fast as bf16 autocast at these shapes, bench/probe_vae_train.py).
@@ -35,7 +36,7 @@ dit)
     python3 -m $m.train_dit --vae "$vae" --out $w/dit --minutes "$minutes" --device cuda --workers 14 \
         --batch 256 --clips 6144 --latent-frames 12 --encode-batch 256 ${init:+--init $init} "${@:6}" > $w/dit.log 2>&1
     tail -n 3 $w/dit.log
-    python3 -m $m.export --vae "$vae" --dit $w/dit --out $w/model 2>&1 | tail -3
+    python3 -m $m.export --vae "$vae" --dit $w/dit --out $w/model --guidance-scale "${GUIDANCE:-1}" 2>&1 | tail -3
     timeout 90 python3 -m $m.eval_model --model $w/model --device cuda --prompts 50 --out $w/eval.json 2>&1 | tail -4
     tar czf "$out/dit$tag.tgz" -C $w dit dit.log $(cd $w && ls eval.json 2>/dev/null)
     ;;
