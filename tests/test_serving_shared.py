@@ -90,3 +90,29 @@ def test_admission_counts_a_guided_sessions_two_cache_rows(make_engine, pipe):
     guided = engine.estimate_bytes(config.replace(guidance_scale=3.0), height, width)
     with pipe.session("a red fox", height=height, width=width, config=config.replace(guidance_scale=3.0)) as s:
         assert guided == s.cache.memory_bytes() == 2 * plain
+
+
+def test_guidance_over_the_protocol_opens_changes_and_refuses_a_toggle(make_engine):
+    from stream_runtime.serving import SessionUpdate
+    from stream_runtime.serving.protocol import parse_open, parse_update
+
+    msg = {"type": "open", "prompt": "a red fox", "height": SIZE, "width": SIZE, "steps": 1, "guidance_scale": 3}
+    req, _ = parse_open(msg)
+    assert req.guidance_scale == 3.0
+    assert parse_update({"type": "update", "guidance_scale": 5}).guidance_scale == 5.0
+    engine = make_engine().start()
+    c = Collector(engine)
+    sid = engine.open(req, c.outboxes[0])
+    c.until(lambda: c.chunks())
+    assert c.events(0, "opened")[0].data["guidance_scale"] == 3.0
+    engine.update(sid, SessionUpdate(guidance_scale=5.0))
+    c.until(lambda: c.events(0, "updated"))
+    assert c.events(0, "updated")[0].data["guidance_scale"] == 5.0
+    engine.update(sid, SessionUpdate(guidance_scale=1.0))  # off: refused, the stream goes on guided
+    c.until(lambda: c.events(0, "error"))
+    error = c.events(0, "error")[0].data
+    assert error["code"] == "bad_params" and not error["fatal"] and "keeps" in error["message"]
+    first = c.chunks()[-1].index
+    c.until(lambda: c.chunks()[-1].index >= first + 1)
+    engine.close(sid)
+    c.until(lambda: c.events(0, "closed"))

@@ -85,7 +85,8 @@ class RingEngine(Engine):
         self.ring = ring
 
     def update(self, sid: int, update: SessionUpdate) -> None:
-        fixed = [name for name in ("steps", "timesteps", "strength") if getattr(update, name) is not None]
+        fields = ("steps", "timesteps", "strength", "guidance_scale")
+        fixed = [name for name in fields if getattr(update, name) is not None]
         if fixed:
             raise ValueError(f"{fixed} cannot change on a session over pipeline stages; open a new session")
         if update.blend_chunks:

@@ -92,6 +92,9 @@ class SessionRequest:
     """Default prompt-blend length of later prompt switches."""
     motion_aware: bool | None = None
     """Video-to-video: follow the input's motion with the strength."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance (1: off; None: the model's default). A session keeps guidance on or off for its
+    life; only the scale of a guided session changes in an update."""
     slo_ttff_s: float | None = None
     """SLO scheduler: target time to first frame in seconds (None: ``EngineConfig.slo.default_ttff_s``)."""
     slo_fps: float | None = None
@@ -109,6 +112,7 @@ class SessionUpdate:
     steps: int | None = None
     timesteps: tuple[float, ...] | None = None
     strength: float | None = None
+    guidance_scale: float | None = None
 
 
 class EngineBusy(RuntimeError):

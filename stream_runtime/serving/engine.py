@@ -234,6 +234,8 @@ class Engine:
             overrides["blend_chunks"] = request.blend_chunks
         if request.motion_aware is not None:
             overrides["motion_aware"] = bool(request.motion_aware)
+        if request.guidance_scale is not None:
+            overrides["guidance_scale"] = float(request.guidance_scale)
         for name in ("slo_ttff_s", "slo_fps"):
             try:
                 SLOTargets(**{name[4:]: getattr(request, name)})
@@ -321,8 +323,11 @@ class Engine:
         if update.strength is not None and not 0.0 < update.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {update.strength!r}")
         self._step_overrides("t2v", update.steps, update.timesteps)  # validates the ranges only
-        if all(v is None for v in (update.prompt, update.steps, update.timesteps, update.strength)):
-            raise ValueError("update needs at least one of prompt, steps, timesteps, strength")
+        if update.guidance_scale is not None and not update.guidance_scale >= 1.0:
+            raise ValueError(f"guidance_scale must be a number >= 1, got {update.guidance_scale!r}")
+        given = (update.prompt, update.steps, update.timesteps, update.strength, update.guidance_scale)
+        if all(v is None for v in given):
+            raise ValueError("update needs at least one of prompt, steps, timesteps, strength, guidance_scale")
         self._inbox.put(_Update(sid, update))
 
     def pause(self, sid: int) -> None:
@@ -478,6 +483,7 @@ class Engine:
             "steps": len(config.timesteps),
             "timesteps": list(config.timesteps),
             "strength": config.strength,
+            "guidance_scale": config.guidance_scale,
             "chunk_frames": config.chunk_frames,
             "first_chunk_frames": 1 + t * (config.chunk_frames - 1),
             "frames_per_chunk": t * config.chunk_frames,
@@ -492,7 +498,14 @@ class Engine:
             changes = self._step_overrides(session.mode, update.steps, update.timesteps)
             if update.strength is not None:
                 changes["strength"] = float(update.strength)
+            if update.guidance_scale is not None:
+                changes["guidance_scale"] = float(update.guidance_scale)
             config = session.config.replace(**changes) if changes else None
+            if config is not None and config.guided != session.config.guided:
+                raise ValueError(
+                    f"guidance_scale {config.guidance_scale:g}: this session was opened with guidance "
+                    f"{'on' if session.config.guided else 'off'}, which it keeps; open a new session to change it"
+                )
         except ValueError as exc:
             live.outbox.put_event(Event("error", live.sid, {"code": "bad_params", "message": str(exc), "fatal": False}))
             return
@@ -510,6 +523,7 @@ class Engine:
                 "steps": len(session.config.timesteps),
                 "timesteps": list(session.config.timesteps),
                 "strength": session.config.strength,
+                "guidance_scale": session.config.guidance_scale,
             }
             live.outbox.put_event(Event("updated", live.sid, data))
 

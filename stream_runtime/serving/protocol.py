@@ -41,7 +41,7 @@ DEFAULT_QUALITY = 80
 MAX_PROMPT_CHARS = 2000
 
 CLIENT_TYPES = ("open", "update", "pause", "resume", "close")
-_UPDATE_FIELDS = ("prompt", "blend_chunks", "steps", "timesteps", "strength")
+_UPDATE_FIELDS = ("prompt", "blend_chunks", "steps", "timesteps", "strength", "guidance_scale")
 SLO_FIELDS = ("slo_ttff_s", "slo_fps")
 """Optional per-session targets of an ``open`` (used by a server whose engine runs the SLO scheduler)."""
 UNDERSTAND_ONLY_FIELDS = ("source", "fps", "stride_frames")
@@ -269,6 +269,11 @@ def _strength(msg: dict) -> float | None:
     return None if value is None else float(value)
 
 
+def _guidance(msg: dict) -> float | None:
+    value = _get(msg, "guidance_scale", (int, float), "a number >= 1 (1: no guidance)")
+    return None if value is None else float(value)
+
+
 def _positive(msg: dict, name: str) -> float | None:
     value = _get(msg, name, (int, float), "a number of seconds or frames per second > 0")
     if value is None:
@@ -304,6 +309,7 @@ def parse_open(msg: dict) -> tuple[SessionRequest, OutputFormat]:
         strength=_strength(msg),
         blend_chunks=_int(msg, "blend_chunks", "an integer >= 0"),
         motion_aware=_get(msg, "motion_aware", (bool,), "true or false"),
+        guidance_scale=_guidance(msg),
         **{name: _positive(msg, name) for name in SLO_FIELDS},
     )
     return request, OutputFormat(fmt, quality)
@@ -317,4 +323,5 @@ def parse_update(msg: dict) -> SessionUpdate:
         steps=_int(msg, "steps", "a positive integer"),
         timesteps=_timesteps(msg),
         strength=_strength(msg),
+        guidance_scale=_guidance(msg),
     )
