@@ -93,7 +93,19 @@ def dit_flops_per_chunk(pipe: StreamPipeline, cfg, height: int, width: int, text
     return passes * c.num_layers * (linear + attn)
 
 
-def run_config(pipe, name, cfg, args, device) -> dict:
+def profile_chunk(session, device) -> str:
+    """Top kernels by device time over one steady-state chunk (``next_chunk``: DiT, decode, copy to the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        session.next_chunk()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90)
+
+
+def run_config(pipe, name, cfg, args, device, profiles: dict) -> dict:
     mode = "v2v" if name == "v2v" else "t2v"
     frames_in = np.random.default_rng(0).integers(0, 256, (4 * 64, args.height, args.width, 3), dtype=np.uint8)
 
@@ -130,6 +142,9 @@ def run_config(pipe, name, cfg, args, device) -> dict:
         out = s.next_chunk()  # ends with a copy to the host, so it is synchronised
         e2e.append(time.perf_counter() - t0)
         out_frames.append(len(out))
+    if args.profile:
+        profiles[name] = profile_chunk(s, device)
+        print(profiles[name], flush=True)
     frames_per_chunk = statistics.median(out_frames)
     flops = dit_flops_per_chunk(pipe, cfg, args.height, args.width, pipe.prompts.max_tokens)
     return {
@@ -161,6 +176,10 @@ def main() -> None:
     ap.add_argument(
         "--stream-batch", action="store_true", help="t2v with stream batch (passes of successive chunks in one forward)"
     )
+    ap.add_argument("--compile", action="store_true", help="torch.compile the block halves around attention (inductor)")
+    ap.add_argument(
+        "--profile", action="store_true", help="also profile one steady-state chunk: the top CUDA kernels to --out"
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, measures nothing real")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -170,6 +189,8 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     pipe = build(args, device, dtype)
+    if args.compile:
+        pipe.net.compile_blocks()
     base = {"attention_backend": args.attention}
     configs = {
         "t2v": text_to_video_config(**base, stream_batch=args.stream_batch),
@@ -178,9 +199,9 @@ def main() -> None:
     if args.stream_batch and "v2v" in args.configs.split(","):
         ap.error("--stream-batch is text-to-video only: add --configs t2v")
     matmul = matmul_tflops(device, dtype, 256 if args.tiny else 8192)
-    rows = []
+    rows, profiles = [], {}
     for name in args.configs.split(","):
-        row = run_config(pipe, name, configs[name], args, device)
+        row = run_config(pipe, name, configs[name], args, device, profiles)
         row["matmul_tflops"] = matmul
         row["dit_fraction_of_matmul_roof"] = row["dit_tflops"] / matmul
         rows.append(row)
@@ -196,12 +217,16 @@ def main() -> None:
         "attention": args.attention,
         "decoder": args.decoder,
         "stream_batch": args.stream_batch,
+        "compile": args.compile,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     decoder = "" if args.decoder == "vae" else f"_{args.decoder}"
     batch = "_streambatch" if args.stream_batch else ""
-    stem = f"stream_{meta['model']}_{args.attention}{decoder}{batch}_{meta['date']}"
+    compiled = "_compiled" if args.compile else ""
+    stem = f"stream_{meta['model']}_{args.attention}{decoder}{batch}{compiled}_{meta['date']}"
+    for name, table in profiles.items():
+        (out / f"profile_{stem}_{name}.txt").write_text(table + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     cols = [
         "config",

@@ -36,6 +36,19 @@ def time_ms(fn, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
+def top_kernel(fn) -> str:
+    """Name of the kernel that took the most device time in one call (which SDPA backend actually ran)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    return max(events, key=lambda e: e.self_device_time_total).key[:160] if events else "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=int, default=12)
@@ -68,10 +81,27 @@ def main() -> None:
                 row["error"] = str(exc).splitlines()[0][:200]
             rows.append(row)
             print(json.dumps(row))
+    # What a backend that copies the stream's views into contiguous [B, H, L, D] tensors first would cost.
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        row = {"layout": "stream_views_copied_to_contiguous", "backend": backend.name}
+
+        def copied(backend=backend):
+            q, k, v = (t.transpose(1, 2).contiguous() for t in (q_stream, k_stream, v_stream))
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+        try:
+            row["ms"] = time_ms(copied)
+            row["tflops"] = flops / row["ms"] / 1e9
+        except RuntimeError as exc:
+            row["error"] = str(exc).splitlines()[0][:200]
+        rows.append(row)
+        print(json.dumps(row))
     for name in ("sdpa", "sdpa_cudnn"):
         fn = get_backend(name)
         ms = time_ms(lambda fn=fn: fn(q_stream, k_stream, v_stream))
         row = {"layout": "stream_runtime.attention", "backend": name, "ms": ms, "tflops": flops / ms / 1e9}
+        row["top_kernel"] = top_kernel(lambda fn=fn: fn(q_stream, k_stream, v_stream))
         rows.append(row)
         print(json.dumps(row))
     out = pathlib.Path(args.out)

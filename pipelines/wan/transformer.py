@@ -77,6 +77,7 @@ class StreamingWanTransformer(nn.Module):
         self.in_channels = cfg.in_channels
         self.num_layers = cfg.num_layers
         self._rope_memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._regions = _Regions()
 
     # Read off one weight: diffusers' ModelMixin.device/.dtype walk every module, which costs more than a whole
     # tiny-model forward on a CPU.
@@ -151,38 +152,30 @@ class StreamingWanTransformer(nn.Module):
         return tokens.flatten(2).transpose(1, 2).contiguous()
 
     def _block(self, block, x: torch.Tensor, frames: int, mod: torch.Tensor, text: tuple, self_attn) -> torch.Tensor:
-        """One ``WanTransformerBlock`` with per-frame modulation; ``self_attn(q, k, v) -> out`` does attention."""
-        b, length, dim = x.shape
-        per_frame = (b, frames, length // frames, dim)
-        shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table[:, None] + mod.float()).chunk(6, 2)
+        """One ``WanTransformerBlock`` with per-frame modulation; ``self_attn(q, k, v) -> out`` does attention.
 
-        def modulate(norm, h, sc, sh):
-            return (norm(h.float()).view(per_frame) * (1 + sc) + sh).view(b, length, dim).type_as(h)
+        The two halves around self-attention are plain tensor functions (:func:`block_pre_attention`,
+        :func:`block_post_attention`), so :meth:`compile_blocks` can fuse their elementwise work while attention and the
+        cache stay eager."""
+        q, k, v = self._regions.pre(block, x, frames, mod, self.heads)
+        y = self_attn(q, k, v)
+        return self._regions.post(block, x, y, frames, mod, text[0], text[1])
 
-        def gated(h, y, g):
-            return (h.float() + (y.float().view(per_frame) * g).view(b, length, dim)).type_as(h)
+    def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self._regions.rope(x, cos, sin)
 
-        # 1. self-attention
-        attn = block.attn1
-        h = modulate(block.norm1, x, scale, shift)
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
-        q, k, v = _heads(attn.norm_q(q), self.heads), _heads(attn.norm_k(k), self.heads), _heads(v, self.heads)
-        y = self_attn(q, k, v).flatten(2, 3).type_as(q)
-        x = gated(x, attn.to_out[0](y), gate)
+    def compile_blocks(self, enabled: bool = True, backend="inductor", mode: str | None = None) -> None:
+        """Run the block halves and RoPE through ``torch.compile`` (``enabled=False`` restores eager).
 
-        # 2. cross-attention to the prompt
-        attn = block.attn2
-        h = block.norm2(x.float()).type_as(x)
-        q = _heads(attn.norm_q(attn.to_q(h)), self.heads)
-        y = attention(q, text[0], text[1], backend="sdpa").flatten(2, 3).type_as(q)
-        x = x + attn.to_out[0](y)
+        Shapes are static (one graph per chunk shape and batch size; every block shares it), so the first chunks
+        of a new shape pay the compile time. Output equals eager up to floating-point reassociation.
 
-        # 3. feed-forward
-        h = modulate(block.norm3, x, c_scale, c_shift)
-        return gated(x, block.ffn(h), c_gate)
+        Example::
+
+            pipe.net.compile_blocks()                  # inductor (GPU); on CPU it needs a C++ compiler
+            pipe.net.compile_blocks(backend="aot_eager")  # trace only, no code generation
+        """
+        self._regions = _Regions.compiled(backend, mode) if enabled else _Regions()
 
     def _head(self, x: torch.Tensor, temb: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         b, frames, h, w = shape
@@ -273,12 +266,12 @@ class StreamingWanTransformer(nn.Module):
                 out = []
                 parts = zip(q.split(rows), k.split(rows), v.split(rows), caches, ropes, strict=True)
                 for q_s, k_s, v_s, cache, (q_rope, k_rope) in parts:
-                    q_s = apply_rope(q_s, *q_rope)
+                    q_s = self._apply_rope(q_s, *q_rope)
                     if k_rope is None:
-                        k_all, v_all = cache.store_current(layer, apply_rope(k_s, *q_rope), v_s)
+                        k_all, v_all = cache.store_current(layer, self._apply_rope(k_s, *q_rope), v_s)
                     else:
                         k_all, v_all = cache.store_current(layer, k_s, v_s)
-                        k_all = apply_rope(k_all, *k_rope)
+                        k_all = self._apply_rope(k_all, *k_rope)
                     out.append(
                         attention(
                             q_s, k_all, v_all, backend=backend, layer=layer, cache=cache, frame_grid=grid, **attn_kwargs
@@ -340,9 +333,9 @@ class StreamingWanTransformer(nn.Module):
         for i in range(self.num_layers) if layers is None else layers:
 
             def self_attn(q, k, v, layer=i):
-                q = apply_rope(q, cond.q_cos, cond.q_sin)
+                q = self._apply_rope(q, cond.q_cos, cond.q_sin)
                 if not bounded:
-                    k = apply_rope(k, cond.q_cos, cond.q_sin)
+                    k = self._apply_rope(k, cond.q_cos, cond.q_sin)
                 if commit_item is not None:
                     cache.store_current(layer, k[commit_item : commit_item + 1], v[commit_item : commit_item + 1])
                 kept_k, kept_v = cache.kept(layer)
@@ -350,7 +343,7 @@ class StreamingWanTransformer(nn.Module):
                 k_all = torch.cat([kept_k.expand(b, -1, -1, -1).to(k.dtype), k], dim=1)
                 v_all = torch.cat([kept_v.expand(b, -1, -1, -1).to(v.dtype), v], dim=1)
                 if bounded:
-                    k_all = apply_rope(k_all, cond.k_cos, cond.k_sin)
+                    k_all = self._apply_rope(k_all, cond.k_cos, cond.k_sin)
                 return attention(
                     q, k_all, v_all, backend=backend, layer=layer, cache=cache, frame_grid=cond.grid, **attn_kwargs
                 )
@@ -426,11 +419,79 @@ class StreamingWanTransformer(nn.Module):
             mask = frame_mask.to(self.device).repeat_interleave(n, 0).repeat_interleave(n, 1)
 
         def self_attn(q, k, v):
-            return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, backend=backend, mask=mask)
+            return attention(
+                self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin), v, backend=backend, mask=mask
+            )
 
         for i, block in enumerate(self.wan.blocks):
             h = self._block(block, h, frames, mod, text[i], self_attn)
         return self._head(h, temb, (b, frames, *grid))
+
+
+def _modulated(norm, h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, per_frame: tuple) -> torch.Tensor:
+    b, length, dim = h.shape
+    return (norm(h.float()).view(per_frame) * (1 + scale) + shift).view(b, length, dim).type_as(h)
+
+
+def _gated(h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, per_frame: tuple) -> torch.Tensor:
+    b, length, dim = h.shape
+    return (h.float() + (y.float().view(per_frame) * gate).view(b, length, dim)).type_as(h)
+
+
+def _modulation(block, mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """shift, scale, gate, c_shift, c_scale, c_gate ``[B, F, 1, dim]`` (fp32) of one block."""
+    return (block.scale_shift_table[:, None] + mod.float()).chunk(6, 2)
+
+
+def block_pre_attention(block, x: torch.Tensor, frames: int, mod: torch.Tensor, heads: int):
+    """Self-attention inputs ``q, k, v [B, L, H, D]`` of one Wan block (modulated norm, projections, QK norms)."""
+    b, length, dim = x.shape
+    per_frame = (b, frames, length // frames, dim)
+    shift, scale, *_ = _modulation(block, mod)
+    attn = block.attn1
+    h = _modulated(block.norm1, x, scale, shift, per_frame)
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+    return _heads(attn.norm_q(q), heads), _heads(attn.norm_k(k), heads), _heads(v, heads)
+
+
+def block_post_attention(
+    block, x: torch.Tensor, y: torch.Tensor, frames: int, mod: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
+) -> torch.Tensor:
+    """The rest of one Wan block after self-attention ``y [B, L, H, D]``: gated residual, cross-attention to the
+    prompt K/V ``[B, Lt, H, D]``, modulated feed-forward."""
+    b, length, dim = x.shape
+    per_frame = (b, frames, length // frames, dim)
+    _, _, gate, c_shift, c_scale, c_gate = _modulation(block, mod)
+    attn = block.attn1
+    x = _gated(x, attn.to_out[0](y.flatten(2, 3).type_as(x)), gate, per_frame)
+    # cross-attention to the prompt
+    attn = block.attn2
+    h = block.norm2(x.float()).type_as(x)
+    q = _heads(attn.norm_q(attn.to_q(h)), text_k.shape[2])
+    y = attention(q, text_k, text_v, backend="sdpa").flatten(2, 3).type_as(q)
+    x = x + attn.to_out[0](y)
+    # feed-forward
+    h = _modulated(block.norm3, x, c_scale, c_shift, per_frame)
+    return _gated(x, block.ffn(h), c_gate, per_frame)
+
+
+class _Regions:
+    """The functions a block calls around attention: eager, or ``torch.compile``d ones."""
+
+    def __init__(self, pre=block_pre_attention, post=block_post_attention, rope=apply_rope) -> None:
+        self.pre, self.post, self.rope = pre, post, rope
+
+    @classmethod
+    def compiled(cls, backend, mode: str | None) -> _Regions:
+        # 30-40 blocks share each graph; the limit only has to cover the distinct chunk shapes and batch sizes.
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        wrap = lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False)  # noqa: E731
+        return cls(wrap(block_pre_attention), wrap(block_post_attention), wrap(apply_rope))
 
 
 def block_causal_mask(
