@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One batched GPU-machine session: install carried wheels, then the parts asked for (default: all, in this order).
-# Usage on the device machine (repo root, wheels + peer_sdv2.py in .whl/):
+# Usage on the device machine (repo root, wheels + peer_sdv2.py in .whl/; SNAPSHOT=x.tgz tars the results after each part):
 #   bash bench/gpu_session.sh OUTDIR [tests] [probe] [stream] [batch] [shared] [taehv] [decoder] [attention] [14b] [peer]
 #   tests      GPU tests (bf16 streaming vs reference, Triton kernels, attention backends)
 #   probe      probe_sdpa_layout.py: do SDPA's backends (cuDNN) run on the stream's [B, L, H, D] views?
-#   stream     bench_stream.py 1.3B t2v + v2v with sdpa and sdpa_cudnn
+#   stream     bench_stream.py 1.3B t2v + v2v with sdpa and sdpa_cudnn (eager; top kernels of one chunk profiled)
+#   compiled   the same with --compile (torch.compile'd block halves)
+#   decode     bench_decode.py (issue 6) on cores 8-15, in the background while the GPU parts run (needs >= 16 cores)
 #   batch      bench_stream.py 1.3B t2v with --stream-batch (sdpa_cudnn)
 #   shared     bench_shared_forwards.py: 1, 2, 4 v2v streams of the 1.3B shape in turn vs in shared forwards
 #   taehv      bench_stream.py 1.3B t2v with the TAEHV decoder (random weights of the taew2_1 shape)
@@ -15,7 +17,7 @@
 set -u
 out=${1:-bench/results}
 shift || true
-parts=${*:-tests probe stream batch shared taehv decoder attention 14b peer}
+parts=${*:-tests probe stream compiled batch shared taehv decoder attention 14b peer}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl 2>&1 | tail -2
@@ -24,11 +26,19 @@ python3 -c "import torch, triton, diffusers, transformers; print(torch.__version
 for part in $parts; do
   echo "== $part"
   case $part in
-  tests) timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels_block_sparse.py \
+  tests) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels_block_sparse.py \
            tests/test_attention_backends.py 2>&1 | tail -15 ;;
   stream) for attn in sdpa sdpa_cudnn; do
-            timeout 200 python3 bench/bench_stream.py --attention $attn --chunks 8 --out "$out" 2>&1 | tail -4
+            timeout 200 python3 bench/bench_stream.py --attention $attn --chunks 8 --profile --out "$out" 2>&1 | tail -4
           done ;;
+  compiled) for attn in sdpa sdpa_cudnn; do
+            timeout 240 python3 bench/bench_stream.py --attention $attn --chunks 8 --compile --profile --out "$out" 2>&1 \
+              | tail -4
+          done ;;
+  decode) nproc
+          taskset -c 8-15 timeout 540 python3 bench/bench_decode.py --workers 1 2 4 8 --repeats 1 --out "$out" \
+            > "$out/decode.log" 2>&1 &
+          decode_pid=$! ;;
   probe) timeout 120 python3 bench/probe_sdpa_layout.py --out "$out" 2>&1 | tail -8 ;;
   shared) timeout 240 python3 bench/bench_shared_forwards.py --shape 1.3b --mode v2v --device cuda --sessions 1,2,4 \
             --out "$out" 2>&1 | tail -6 ;;
@@ -43,4 +53,12 @@ for part in $parts; do
   peer) [ -f .whl/peer_sdv2.py ] && timeout 200 python3 .whl/peer_sdv2.py --out "$out/peer_sdv2.jsonl" 2>&1 | tail -12 ;;
   *) echo "unknown part: $part" >&2 ;;
   esac
+  # SNAPSHOT=file.tgz: keep a tarball of the results so far (what comes back if the session is cut short)
+  [ -n "${SNAPSHOT:-}" ] && tar czf "$SNAPSHOT" -C "$out" .
 done
+if [ -n "${decode_pid:-}" ]; then
+  echo "== waiting for decode"
+  wait "$decode_pid"
+  tail -20 "$out/decode.log"
+  [ -n "${SNAPSHOT:-}" ] && tar czf "$SNAPSHOT" -C "$out" .
+fi
