@@ -176,7 +176,13 @@ def main() -> None:
     ap.add_argument(
         "--stream-batch", action="store_true", help="t2v with stream batch (passes of successive chunks in one forward)"
     )
-    ap.add_argument("--compile", action="store_true", help="torch.compile the block halves around attention (inductor)")
+    ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="all",
+        choices=["blocks", "all"],
+        help="torch.compile the transformer's block halves (blocks) or also the VAE (all: StreamPipeline.compile)",
+    )
     ap.add_argument(
         "--profile", action="store_true", help="also profile one steady-state chunk: the top CUDA kernels to --out"
     )
@@ -189,7 +195,9 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     pipe = build(args, device, dtype)
-    if args.compile:
+    if args.compile == "all":
+        pipe.compile()
+    elif args.compile == "blocks":
         pipe.net.compile_blocks()
     base = {"attention_backend": args.attention}
     configs = {
@@ -223,7 +231,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     decoder = "" if args.decoder == "vae" else f"_{args.decoder}"
     batch = "_streambatch" if args.stream_batch else ""
-    compiled = "_compiled" if args.compile else ""
+    compiled = {None: "", "all": "_compiled", "blocks": "_compiledblocks"}[args.compile]
     stem = f"stream_{meta['model']}_{args.attention}{decoder}{batch}{compiled}_{meta['date']}"
     for name, table in profiles.items():
         (out / f"profile_{stem}_{name}.txt").write_text(table + "\n")

@@ -5,12 +5,12 @@
 #   tests      GPU tests (bf16 streaming vs reference, Triton kernels, attention backends)
 #   probe      probe_sdpa_layout.py: do SDPA's backends (cuDNN) run on the stream's [B, L, H, D] views?
 #   stream     bench_stream.py 1.3B t2v + v2v with sdpa and sdpa_cudnn (eager; top kernels of one chunk profiled)
-#   compiled   the same with --compile (torch.compile'd block halves)
+#   compiled   bench_stream.py 1.3B t2v + v2v, sdpa, --compile (StreamPipeline.compile: block halves and the VAE)
 #   decode     bench_decode.py (issue 6) on cores 8-15, in the background while the GPU parts run (needs >= 16 cores)
 #   batch      bench_stream.py 1.3B t2v with --stream-batch (sdpa_cudnn)
 #   shared     bench_shared_forwards.py: 1, 2, 4 v2v streams of the 1.3B shape in turn vs in shared forwards
 #   taehv      bench_stream.py 1.3B t2v with the TAEHV decoder (random weights of the taew2_1 shape)
-#   decoder    bench_latent_decoder.py: Wan VAE vs TAEHV per latent frame at 480x832
+#   decoder    bench_latent_decoder.py: Wan VAE (eager, channels-last, compiled) vs TAEHV per latent frame, 480x832
 #   attention  bench_attention.py: kernels beside SDPA flash/cuDNN at the 1.3B and 14B shapes
 #   14b        bench_stream.py 14B t2v + v2v (sdpa_cudnn, fewer chunks)
 #   peer       the peer (StreamDiffusionV2 from PyPI) in the same session, for ratios
@@ -31,10 +31,8 @@ for part in $parts; do
   stream) for attn in sdpa sdpa_cudnn; do
             timeout 200 python3 bench/bench_stream.py --attention $attn --chunks 8 --profile --out "$out" 2>&1 | tail -4
           done ;;
-  compiled) for attn in sdpa sdpa_cudnn; do
-            timeout 240 python3 bench/bench_stream.py --attention $attn --chunks 8 --compile --profile --out "$out" 2>&1 \
-              | tail -4
-          done ;;
+  compiled) timeout 420 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 6 --compile --profile \
+              --out "$out" 2>&1 | tail -4 ;;
   decode) nproc
           taskset -c 8-15 timeout 540 python3 bench/bench_decode.py --workers 1 2 4 8 --repeats 1 --out "$out" \
             > "$out/decode.log" 2>&1 &
@@ -46,7 +44,8 @@ for part in $parts; do
            --out "$out" 2>&1 | tail -3 ;;
   taehv) timeout 150 python3 bench/bench_stream.py --attention sdpa_cudnn --configs t2v --decoder taehv --chunks 8 \
            --out "$out" 2>&1 | tail -3 ;;
-  decoder) timeout 150 python3 bench/bench_latent_decoder.py --out "$out" 2>&1 | tail -6 ;;
+  decoder) timeout 300 python3 bench/bench_latent_decoder.py --decoders vae,vae_channels_last,vae_compiled,taehv \
+             --latent-frames 24 --warmup 3 --out "$out" 2>&1 | tail -7 ;;
   attention) timeout 200 python3 bench/bench_attention.py --out "$out" 2>&1 | tail -12 ;;
   14b) timeout 300 python3 bench/bench_stream.py --model 14b --attention sdpa_cudnn --chunks 4 --warmup 2 \
          --out "$out" 2>&1 | tail -4 ;;

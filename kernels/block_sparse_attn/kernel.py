@@ -49,6 +49,7 @@ def _attend_key_tiles(
     BLOCK_D: tl.constexpr,
     D: tl.constexpr,
     MASK_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_start, tile_stop) of one table row."""
@@ -59,23 +60,36 @@ def _attend_key_tiles(
         # Tile t is sub-tile (t % SUB_N) of the (t // SUB_N)-th listed table block.
         kb = tl.load(idx_row + t // SUB_N)
         offs_kn = kb * TABLE_N + (t % SUB_N) * BLOCK_N + offs_n
+        k_ptrs = k_head + offs_kn[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_head + offs_kn[:, None] * stride_vn + offs_d[None, :]
         if MASK_N:
             mask_n = offs_kn < k_len
             kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            # Full tiles of a power-of-two head dim load unmasked (the common case: D = 64 or 128).
+            k = tl.load(k_ptrs)
         else:
-            kv_mask = mask_d[None, :]
-        k = tl.load(k_head + offs_kn[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
         # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N], in log2 units (qk_scale folds in log2(e))
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASK_N:
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen only masked keys keeps m = -inf; shifting it by 0 keeps every weight 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASK_N:
+            # A row that has seen only masked keys keeps m = -inf; shifting it by 0 keeps every weight 0, not NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_shift = m_new  # an unmasked tile gives every row a finite maximum
         p = tl.math.exp2(qk - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + offs_kn[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if MASK_N:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
         # [BLOCK_M, BLOCK_N] @ [BLOCK_N, BLOCK_D] -> [BLOCK_M, BLOCK_D]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -123,6 +137,7 @@ def _block_sparse_attn_fwd_kernel(
     TABLE_N: tl.constexpr,
     SUB_N: tl.constexpr,
     EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -164,12 +179,12 @@ def _block_sparse_attn_fwd_kernel(
         n_full = count - ((count > 0) & (last == n_k_blocks - 1)).to(tl.int32)
     acc, m_i, l_i = _attend_key_tiles(
         acc, m_i, l_i, q, k_head, v_head, idx_row, 0, n_full * SUB_N, k_len, stride_kn, stride_vn, qk_scale,
-        TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, DOT_PRECISION,
+        TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, DOT_PRECISION,
     )  # fmt: skip
     if not EVEN_N:
         acc, m_i, l_i = _attend_key_tiles(
             acc, m_i, l_i, q, k_head, v_head, idx_row, n_full * SUB_N, count * SUB_N, k_len, stride_kn, stride_vn,
-            qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, DOT_PRECISION,
+            qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, EVEN_D, DOT_PRECISION,
         )  # fmt: skip
 
     # Empty rows (no listed block) have l = 0: out = 0 and lse = -inf by convention.
@@ -306,6 +321,7 @@ def block_sparse_attention(
         TABLE_N=table.block_n,
         SUB_N=table.block_n // block_n,
         EVEN_N=k_len % table.block_n == 0,
+        EVEN_D=triton.next_power_of_2(d) == d and d >= 16,
         # Triton's fp32 dot defaults to tf32; fp32 inputs exist for exactness (references, tiny models).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=default_warps if num_warps is None else num_warps,

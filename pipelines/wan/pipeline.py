@@ -133,6 +133,26 @@ class StreamPipeline:
     def check_resolution(self, height: int, width: int) -> None:
         check_resolution(height, width, self.spatial_factor)
 
+    # -- speed
+
+    def compile(self, enabled: bool = True, backend="inductor", mode: str | None = None) -> None:
+        """``torch.compile`` the streaming hot path: the transformer blocks' halves around self-attention and RoPE
+        (:meth:`StreamingWanTransformer.compile_blocks`) and the Wan VAE's encoder and decoder (each latent frame is
+        one pass; the causal-conv cache gives three static variants: first, second and later frames).
+        ``enabled=False`` restores eager. The first chunks of each new shape pay the compile time.
+
+        Example::
+
+            pipe = StreamPipeline.from_pretrained(path).to("cuda")
+            pipe.compile()  # then warm it up with one short session before serving
+        """
+        self.net.compile_blocks(enabled, backend=backend, mode=mode)
+        for module in (self.vae.decoder, self.vae.encoder):
+            if enabled:
+                module.compile(backend=backend, mode=mode, dynamic=False)
+            else:
+                module._compiled_call_impl = None  # nn.Module.compile's hook: back to the plain forward
+
     # -- decoder
 
     def set_decoder(self, decoder: str | TAEHV) -> None:
