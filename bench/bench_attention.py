@@ -33,7 +33,15 @@ MODELS = {"wan-1.3b": 12, "wan-14b": 40}
 HEAD_DIM = 128
 VAE_STRIDE, PATCH = 8, 2
 # Kernel launch configs tried per table: (BLOCK_M, BLOCK_N, num_warps, num_stages); None = the kernel's default.
-KERNEL_CONFIGS = [None, (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
+KERNEL_CONFIGS = [
+    None,
+    (128, 128, 8, 2),
+    (128, 128, 8, 4),
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 3),
+]
 MAX_REL_ERR = 2e-2  # bf16 operands against an fp32 reference: expect a few 1e-3
 
 
