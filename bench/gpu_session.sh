@@ -12,7 +12,7 @@
 #   taehv      bench_stream.py 1.3B t2v with the TAEHV decoder (random weights of the taew2_1 shape)
 #   decoder    bench_latent_decoder.py: Wan VAE (eager, channels-last, compiled) vs TAEHV per latent frame, 480x832
 #   attention  bench_attention.py: kernels beside SDPA flash/cuDNN at the 1.3B and 14B shapes
-#   14b        bench_stream.py 14B t2v + v2v (sdpa_cudnn, fewer chunks)
+#   14b        bench_stream.py 14B t2v + v2v (sdpa, compiled blocks, fewer chunks)
 #   peer       the peer (StreamDiffusionV2 from PyPI) in the same session, for ratios
 set -u
 out=${1:-bench/results}
@@ -31,8 +31,9 @@ for part in $parts; do
   stream) for attn in sdpa sdpa_cudnn; do
             timeout 200 python3 bench/bench_stream.py --attention $attn --chunks 8 --profile --out "$out" 2>&1 | tail -4
           done ;;
-  compiled) timeout 420 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 6 --compile --profile \
-              --out "$out" 2>&1 | tail -4 ;;
+  compiled) TORCH_LOGS=recompiles timeout 300 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 6 \
+              --compile --profile --out "$out" > "$out/compiled.log" 2>&1; grep -c Recompiling "$out/compiled.log"
+            tail -4 "$out/compiled.log" ;;
   decode) nproc
           taskset -c 8-15 timeout 540 python3 bench/bench_decode.py --workers 1 2 4 8 --repeats 1 --out "$out" \
             > "$out/decode.log" 2>&1 &
@@ -46,8 +47,8 @@ for part in $parts; do
            --out "$out" 2>&1 | tail -3 ;;
   decoder) timeout 300 python3 bench/bench_latent_decoder.py --decoders vae,vae_channels_last,vae_compiled,taehv \
              --latent-frames 24 --warmup 3 --out "$out" 2>&1 | tail -7 ;;
-  attention) timeout 200 python3 bench/bench_attention.py --out "$out" 2>&1 | tail -12 ;;
-  14b) timeout 300 python3 bench/bench_stream.py --model 14b --attention sdpa_cudnn --chunks 4 --warmup 2 \
+  attention) timeout 150 python3 bench/bench_attention.py --out "$out" 2>&1 | tail -12 ;;
+  14b) timeout 210 python3 bench/bench_stream.py --model 14b --attention sdpa --compile blocks --chunks 4 --warmup 3 \
          --out "$out" 2>&1 | tail -4 ;;
   peer) [ -f .whl/peer_sdv2.py ] && timeout 200 python3 .whl/peer_sdv2.py --out "$out/peer_sdv2.jsonl" 2>&1 | tail -12 ;;
   *) echo "unknown part: $part" >&2 ;;
