@@ -149,3 +149,24 @@ def test_find_asset_looks_in_the_checkout_then_the_package(tmp_path, monkeypatch
     (tmp_path / "thing" / "marker.json").write_text("{}")
     assert assets.find_asset("thing", "marker.json") == tmp_path / "thing"
     assert assets.asset_candidates("thing")[0] == tmp_path / "thing"
+
+
+def test_generate_compile_compiles_the_pipeline(tmp_path, monkeypatch, capsys):
+    """--compile goes through StreamPipeline.compile (here with a trace-only backend: CPU code generation is slow),
+    and the clip is still written."""
+    from stream_runtime.pipelines.wan.pipeline import StreamPipeline
+
+    calls = []
+    compile_ = StreamPipeline.compile
+
+    def traced(self, enabled=True, backend="inductor", mode=None):
+        calls.append(enabled)
+        compile_(self, enabled, backend="aot_eager" if enabled else backend, mode=mode)
+
+    monkeypatch.setattr(StreamPipeline, "compile", traced)
+    out = tmp_path / "clip.mp4"
+    argv = ["generate", "--prompt", "a red fox", "--seconds", "0.5", "--out", str(out), "--height", "32"]
+    assert cli.main([*argv, "--width", "32", "--compile"]) == 0
+    assert calls == [True]
+    assert read_video(out).shape[0] == 8
+    assert "--compile" in capsys.readouterr().out
