@@ -33,7 +33,9 @@ MODELS = {"wan-1.3b": 12, "wan-14b": 40}
 HEAD_DIM = 128
 VAE_STRIDE, PATCH = 8, 2
 # Kernel launch configs tried per table: (BLOCK_M, BLOCK_N, num_warps, num_stages); None = the kernel's default.
-KERNEL_CONFIGS = [
+# Kernel launch configs tried per table: (BLOCK_M, BLOCK_N, num_warps, num_stages[, "tma"]); None = the kernel's
+# default. "tma" loads key/value tiles through tensor descriptors (Hopper's TMA engine).
+POINTER_CONFIGS = [
     None,
     (128, 128, 8, 2),
     (128, 128, 8, 4),
@@ -42,6 +44,8 @@ KERNEL_CONFIGS = [
     (64, 128, 4, 3),
     (64, 64, 4, 3),
 ]
+TMA_CONFIGS = [(128, 128, 8, 3, "tma"), (128, 128, 8, 4, "tma"), (128, 64, 4, 3, "tma"), (128, 64, 8, 3, "tma")]
+CONFIG_SETS = {"all": POINTER_CONFIGS + TMA_CONFIGS, "pointer": POINTER_CONFIGS, "tma": [None, *TMA_CONFIGS]}
 MAX_REL_ERR = 2e-2  # bf16 operands against an fp32 reference: expect a few 1e-3
 
 
@@ -63,7 +67,7 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
 
 
-def run_model(name: str, heads: int, table_dense, table_radial) -> list[dict]:
+def run_model(name: str, heads: int, table_dense, table_radial, configs: list) -> list[dict]:
     q_len, k_len = table_dense.q_len, table_dense.k_len
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape_q, shape_k = (1, q_len, heads, HEAD_DIM), (1, k_len, heads, HEAD_DIM)
@@ -114,12 +118,14 @@ def run_model(name: str, heads: int, table_dense, table_radial) -> list[dict]:
         ("triton-dense", table_dense, reference),
         ("triton-radial", table_radial, radial_reference),
     ):
-        for config in KERNEL_CONFIGS:
+        for config in configs:
             kwargs = (
                 {}
                 if config is None
-                else dict(zip(("block_m", "block_n", "num_warps", "num_stages"), config, strict=True))
+                else dict(zip(("block_m", "block_n", "num_warps", "num_stages"), config[:4], strict=True))
             )
+            if config is not None and len(config) > 4:
+                kwargs["tma"] = config[4] == "tma"
             fn = lambda table=table, kwargs=kwargs: block_sparse_attention(q, k, v, table, **kwargs)[0]
             record(label, fn, ref, table.density(), config or "default")
     return rows
@@ -173,7 +179,11 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=3, help="frames per chunk (latent)")
     parser.add_argument("--block", type=int, default=128, help="table block size (queries and keys)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--configs", choices=sorted(CONFIG_SETS), default="all", help="kernel launch configs to try (default all)"
+    )
     args = parser.parse_args()
+
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA device", file=sys.stderr)
         return 2
@@ -195,7 +205,7 @@ def main() -> int:
 
     rows = []
     for name in args.models:
-        rows += run_model(name, MODELS[name], table_dense, table_radial)
+        rows += run_model(name, MODELS[name], table_dense, table_radial, CONFIG_SETS[args.configs])
         torch.cuda.empty_cache()
     targets, table_md = summarize(rows, density)
     print("\n" + table_md)

@@ -47,17 +47,17 @@ def make_decoder(name: str, device: torch.device, dtype: torch.dtype):
     """A fresh-weights streaming decoder and its (latent channels, spatial factor).
 
     ``vae``: the eager Wan VAE; ``vae_channels_last``: its conv weights channels-last; ``vae_compiled``: its decoder
-    through ``torch.compile`` (what ``StreamPipeline.compile`` does)."""
+    through ``torch.compile`` (what ``StreamPipeline.compile`` does); ``vae_compiled_channels_last``: both."""
     if name.startswith("vae"):
         vae = AutoencoderKLWan().to(device, dtype).eval().requires_grad_(False)  # diffusers' default: Wan2.1's
-        if name == "vae_channels_last":
+        if name in ("vae_channels_last", "vae_compiled_channels_last"):
             channels_last(vae)
-        elif name == "vae_compiled":
+        if name in ("vae_compiled", "vae_compiled_channels_last"):
             import torch._dynamo
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             vae.decoder.compile(dynamic=False)
-        elif name != "vae":
+        if name not in ("vae", "vae_channels_last", "vae_compiled", "vae_compiled_channels_last"):
             raise ValueError(f"unknown decoder {name!r}")
         return StreamingVAEDecoder(vae), vae.config.z_dim, vae.config.scale_factor_spatial
     taehv = TAEHV(TAEHVConfig()).to(device, dtype).eval().requires_grad_(False)

@@ -126,6 +126,23 @@ def test_kernel_tiles_smaller_than_table_blocks():
     check_against_reference(q, k, v, table, block_m=16, block_n=16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_loads_match_reference(dtype):
+    """Key/value tiles through tensor descriptors: dense and sparse tables, a short last key block (zero-filled past
+    the keys), kernel tiles smaller than the table's blocks."""
+    q, k, v = make_qkv(2, 72, 150, 2, 32, dtype)
+    check_against_reference(q, k, v, dense_block_table(72, 150, 32, 32, device=DEVICE), tma=True)
+    check_against_reference(q, k, v, random_table(2, 2, 72, 150, 16, 32, density=0.4), tma=True)
+    q, k, v = make_qkv(1, 45, 70, 2, 32, dtype, seed=4)
+    check_against_reference(q, k, v, random_table(1, 2, 45, 70, 32, 64, density=0.6, seed=2), tma=True, block_n=16)
+
+
+def test_tma_falls_back_where_the_layout_forbids_it():
+    """A head dim of 40 (not a power of two) takes the pointer loads and still matches."""
+    q, k, v = make_qkv(1, 40, 72, 1, 40, torch.float16, seed=5)
+    check_against_reference(q, k, v, dense_block_table(40, 72, 32, 32, device=DEVICE), tma=True)
+
+
 def test_scale_and_strided_inputs():
     """A softmax scale other than 1/sqrt(D), and q/k/v as strided views of a packed [B, L, H, 3, D] tensor."""
     gen = torch.Generator().manual_seed(3)
@@ -209,5 +226,6 @@ def test_bad_arguments_raise():
 @pytest.mark.parametrize("d", [64, 128])
 def test_bf16_on_gpu(d):
     q, k, v = make_qkv(2, 1000, 3000, 3, d, torch.bfloat16)
-    check_against_reference(q, k, v, random_table(1, 3, 1000, 3000, 128, 128, density=0.5))
-    check_against_reference(q, k, v, dense_block_table(1000, 3000, 128, 128, device=DEVICE))
+    for tma in (False, True):
+        check_against_reference(q, k, v, random_table(1, 3, 1000, 3000, 128, 128, density=0.5), tma=tma)
+        check_against_reference(q, k, v, dense_block_table(1000, 3000, 128, 128, device=DEVICE), tma=tma)

@@ -36,6 +36,8 @@ def _attend_key_tiles(
     q,
     k_head,
     v_head,
+    k_desc,
+    v_desc,
     idx_row,
     tile_start,
     tile_stop,
@@ -50,6 +52,7 @@ def _attend_key_tiles(
     D: tl.constexpr,
     MASK_N: tl.constexpr,
     EVEN_D: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_start, tile_stop) of one table row."""
@@ -65,6 +68,10 @@ def _attend_key_tiles(
         if MASK_N:
             mask_n = offs_kn < k_len
             kv_mask = mask_n[:, None] & mask_d[None, :]
+        if USE_TMA:
+            # The tensor-memory-accelerator copy: rows past k_len arrive as zeros (and are masked in qk below).
+            k = k_desc.load([kb * TABLE_N + (t % SUB_N) * BLOCK_N, 0])
+        elif MASK_N:
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         elif EVEN_D:
             # Full tiles of a power-of-two head dim load unmasked (the common case: D = 64 or 128).
@@ -84,7 +91,9 @@ def _attend_key_tiles(
         p = tl.math.exp2(qk - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK_N:
+        if USE_TMA:
+            v = v_desc.load([kb * TABLE_N + (t % SUB_N) * BLOCK_N, 0])
+        elif MASK_N:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         elif EVEN_D:
             v = tl.load(v_ptrs)
@@ -138,6 +147,7 @@ def _block_sparse_attn_fwd_kernel(
     SUB_N: tl.constexpr,
     EVEN_N: tl.constexpr,
     EVEN_D: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -160,6 +170,12 @@ def _block_sparse_attn_fwd_kernel(
     )
     k_head = k_ptr + b * stride_kb + h * stride_kh
     v_head = v_ptr + b * stride_vb + h * stride_vh
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_head, shape=[k_len, D], strides=[stride_kn, 1], block_shape=[BLOCK_N, D])
+        v_desc = tl.make_tensor_descriptor(v_head, shape=[k_len, D], strides=[stride_vn, 1], block_shape=[BLOCK_N, D])
+    else:
+        k_desc = None
+        v_desc = None
 
     # Broadcast table dims have stride 0, so (b, h) index them unchanged.
     table_row = pid_m // ROWS_PER_TABLE_BLOCK
@@ -178,13 +194,13 @@ def _block_sparse_attn_fwd_kernel(
         last = tl.load(idx_row + count - 1, mask=count > 0, other=0)
         n_full = count - ((count > 0) & (last == n_k_blocks - 1)).to(tl.int32)
     acc, m_i, l_i = _attend_key_tiles(
-        acc, m_i, l_i, q, k_head, v_head, idx_row, 0, n_full * SUB_N, k_len, stride_kn, stride_vn, qk_scale,
-        TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, DOT_PRECISION,
+        acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, 0, n_full * SUB_N, k_len, stride_kn, stride_vn,
+        qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, USE_TMA, DOT_PRECISION,
     )  # fmt: skip
     if not EVEN_N:
         acc, m_i, l_i = _attend_key_tiles(
-            acc, m_i, l_i, q, k_head, v_head, idx_row, n_full * SUB_N, count * SUB_N, k_len, stride_kn, stride_vn,
-            qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, EVEN_D, DOT_PRECISION,
+            acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, n_full * SUB_N, count * SUB_N, k_len,
+            stride_kn, stride_vn, qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, EVEN_D, USE_TMA, DOT_PRECISION,
         )  # fmt: skip
 
     # Empty rows (no listed block) have l = 0: out = 0 and lse = -inf by convention.
@@ -231,6 +247,25 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: Bloc
         raise ValueError(f"head_dim up to 256 is supported, got {d}")
 
 
+def _tma_layout_ok(k: torch.Tensor, v: torch.Tensor, d: int) -> bool:
+    """Tensor descriptors need a power-of-two tile width and 16-byte aligned bases and row strides."""
+    if triton.next_power_of_2(d) != d or d < 16:
+        return False
+    size = k.element_size()
+    return all(x.data_ptr() % 16 == 0 and all(stride * size % 16 == 0 for stride in x.stride()[:3]) for x in (k, v))
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    """Descriptors made inside a kernel need scratch memory from Triton's allocator hook (set once, CUDA only)."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
 def _default_config(table: BlockTable, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) used when the caller sets none.
 
@@ -256,6 +291,7 @@ def block_sparse_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    tma: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the key blocks ``table`` lists, one pass, no score matrix in memory.
 
@@ -269,6 +305,8 @@ def block_sparse_attention(
         block_m, block_n: kernel tile sizes (powers of two >= 16 dividing ``table.block_m``/``table.block_n``);
             default ``min(table.block_m, 128)`` and ``min(table.block_n, 128)`` (64 for float32).
         num_warps, num_stages: Triton launch settings (defaults suit an H100; ignored by the interpreter).
+        tma: load key/value tiles through tensor descriptors (Hopper's TMA copy engine) where the layout allows it
+            (power-of-two head dim, 16-byte aligned rows); plain pointer loads otherwise.
 
     Returns:
         ``out [B, Lq, H, D]`` in ``q``'s dtype and ``lse [B, H, Lq]`` fp32 (natural log of the softmax
@@ -302,6 +340,9 @@ def block_sparse_attention(
     stride_ib, stride_ih = (s if n > 1 else 0 for s, n in zip(idx.stride()[:2], idx.shape[:2], strict=True))
     stride_cb, stride_ch = (s if n > 1 else 0 for s, n in zip(count.stride()[:2], count.shape[:2], strict=True))
 
+    use_tma = tma and _tma_layout_ok(k, v, d)
+    if use_tma and q.is_cuda:
+        _ensure_allocator()
     grid = (triton.cdiv(q_len, block_m), batch * heads)
     _block_sparse_attn_fwd_kernel[grid](
         q, k, v, out, lse, idx, count,
@@ -322,6 +363,7 @@ def block_sparse_attention(
         SUB_N=table.block_n // block_n,
         EVEN_N=k_len % table.block_n == 0,
         EVEN_D=triton.next_power_of_2(d) == d and d >= 16,
+        USE_TMA=use_tma,
         # Triton's fp32 dot defaults to tf32; fp32 inputs exist for exactness (references, tiny models).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=default_warps if num_warps is None else num_warps,
