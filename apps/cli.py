@@ -247,7 +247,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from stream_runtime.serving.server import serve
 
     settings = serve_settings(args)
-    serve(load_pipeline(args), **settings)
+    pipe = load_pipeline(args)
+    if args.compile:  # compile before the first client arrives, not during its first chunks
+        print(f"warmed up in {pipe.warm_up(progress=print):.0f} s")
+    serve(pipe, **settings)
     return 0
 
 

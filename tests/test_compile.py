@@ -110,3 +110,30 @@ def test_compiled_pipeline_session_equals_eager(mode):
     assert counting.graphs, "nothing was compiled"
     # uint8 frames: fp32 reassociation may move a value across a rounding boundary, by one level at most
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1
+
+
+def test_warm_up_builds_every_graph_a_default_session_needs():
+    """After compile + warm_up, new default sessions (text- and video-to-video) compile nothing more."""
+    import numpy as np
+
+    from stream_runtime import StreamPipeline
+
+    torch._dynamo.reset()
+    pipe = StreamPipeline.tiny_random()
+    counting = Counting()
+    pipe.compile(backend=counting)
+    try:
+        lines = []
+        pipe.warm_up(chunks=4, progress=lines.append)
+        assert len(lines) == 2 * (4 + 1) and lines[0].startswith("warm-up t2v, first stream, chunk 1/4")
+        built = len(counting.graphs)
+        for mode in ("t2v", "v2v"):
+            with pipe.session("a red fox", seed=3, mode=mode) as s:
+                if mode == "v2v":
+                    h, w = pipe.default_resolution
+                    s.push_frames(np.full((40, h, w, 3), 99, dtype=np.uint8))
+                for _ in range(5):
+                    s.next_chunk()
+    finally:
+        pipe.compile(False)
+    assert built > 0 and len(counting.graphs) == built

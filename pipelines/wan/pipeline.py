@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
@@ -152,6 +155,40 @@ class StreamPipeline:
                 module.compile(backend=backend, mode=mode, dynamic=False)
             else:
                 module._compiled_call_impl = None  # nn.Module.compile's hook: back to the plain forward
+
+    @torch.no_grad()
+    def warm_up(
+        self,
+        modes: tuple[str, ...] = ("t2v", "v2v"),
+        chunks: int = 4,
+        progress: Callable[[str], None] | None = None,
+    ) -> float:
+        """Stream ``chunks`` chunks of a scratch session per mode, then the first chunk of a second one, at the
+        folder's resolution and stream settings: after :meth:`compile`, every graph a default session needs is
+        built (a video-to-video encoder needs about four chunks to reach its steady cache), so the first real
+        session is fast. ``progress`` gets one line per chunk. Returns the seconds it took.
+
+        Example::
+
+            pipe.compile()
+            pipe.warm_up(progress=print)  # before serving
+        """
+        start = time.perf_counter()
+        height, width = self.default_resolution
+        prompt = self.example_prompt
+        for mode in modes:
+            for stream, count in (("first", chunks), ("second", 1)):
+                with self.session(prompt, seed=0, mode=mode) as s:
+                    if mode == "v2v":  # black input frames: enough for every chunk (the first takes fewer)
+                        frames = (count + 1) * s.config.chunk_frames * self.temporal_factor
+                        s.push_frames(np.zeros((frames, height, width, 3), dtype=np.uint8))
+                    for i in range(count):
+                        t0 = time.perf_counter()
+                        s.next_chunk()
+                        if progress is not None:
+                            took = time.perf_counter() - t0
+                            progress(f"warm-up {mode}, {stream} stream, chunk {i + 1}/{count}: {took:.1f} s")
+        return time.perf_counter() - start
 
     # -- decoder
 
