@@ -4,6 +4,7 @@ Usage::
 
     python bench/bench_pacing.py                      # the embedded tiny-world model on this CPU, 16 fps, 30 s
     python bench/bench_pacing.py --model PATH --device cuda --fps 16 --seconds 60
+    python bench/bench_pacing.py --model random-1.3b --device cuda --compile   # Wan2.1 1.3B shape, random weights
 
 The session generates in Paced's producer thread while the consumer takes one frame every ``1 / fps`` seconds, as a
 display or a live encoder would. Reports the median interval and the median / p99 / max of ``|interval - 1/fps|``.
@@ -34,7 +35,12 @@ MS = 1000.0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="assets/tinyworld")
+    parser.add_argument(
+        "--model",
+        default="assets/tinyworld",
+        help="a model folder, or random-1.3b / random-14b (bench_stream's shapes at 480x832) / random-tiny (a check)",
+    )
+    parser.add_argument("--compile", action="store_true", help="StreamPipeline.compile + warm_up before pacing")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--fps", type=float, default=16.0)
@@ -44,7 +50,21 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = StreamPipeline.from_pretrained(args.model, device=args.device)
+    if args.model.startswith("random-"):
+        from bench_stream import build  # bench/ is on sys.path when this file runs as a script
+
+        name = args.model.removeprefix("random-")
+        tiny = name == "tiny"
+        shape = argparse.Namespace(tiny=tiny, model=name, height=32 if tiny else 480, width=32 if tiny else 832)
+        shape.decoder = "vae"
+        device = torch.device(args.device)
+        pipe = build(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        args.prompt = "a fox running in snow"  # the random model's vocabulary
+    else:
+        pipe = StreamPipeline.from_pretrained(args.model, device=args.device)
+    if args.compile:
+        pipe.compile()
+        print(f"compiled and warmed up in {pipe.warm_up(modes=('t2v',)):.0f} s", flush=True)
     frames_wanted = round(args.seconds * args.fps)
 
     with pipe.session(args.prompt, seed=0) as session:
@@ -74,6 +94,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "model": args.model,
         "buffer_s": args.buffer,
+        "compile": args.compile,
         "torch": torch.__version__,
         "stats": dataclasses.asdict(stats),
     }
