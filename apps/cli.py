@@ -12,6 +12,7 @@ stream-runtime understand match.mp4 --model Qwen2-VL-2B-Instruct --fps 1   # one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import itertools
 import logging
@@ -137,6 +138,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     height, width = args.height or pipe.default_resolution[0], args.width or pipe.default_resolution[1]
     total = math.ceil(args.seconds * args.fps)
+    if getattr(args, "decode_ahead", False) and args.input is not None:
+        raise ValueError("--decode-ahead is for text-to-video; drop it or --input")
     source = None if args.input is None else _input_frames(args.input, height, width, args.fps)  # fails early
     writer = VideoWriter(args.out, fps=args.fps)
     mode = "t2v" if source is None else "v2v"
@@ -146,11 +149,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, unit="frame", desc="generating", dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        with session, writer:
+        with session, writer, _decode_ahead(session, getattr(args, "decode_ahead", False)) as ahead:
+            control = ahead or session
             while writer.frames_written < total:
                 while switches and switches[0][0] <= writer.frames_written:
-                    session.set_prompt(switches.pop(0)[1])
-                frames = session.next_chunk() if source is None else _next_v2v_chunk(session, source)
+                    control.set_prompt(switches.pop(0)[1])
+                frames = control.next_chunk() if source is None else _next_v2v_chunk(session, source)
                 if frames is None:  # the input video ended
                     break
                 frames = frames[: total - writer.frames_written]
@@ -168,6 +172,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"in {elapsed:.1f} s ({writer.frames_written / elapsed:.1f} frames/s)"
     )
     return 0
+
+
+def _decode_ahead(session, enabled: bool):
+    """A DecodeAhead runner over ``session`` (closed on exit), or a no-op context that gives None."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from stream_runtime.pipelines.wan.decode_ahead import DecodeAhead
+
+    return DecodeAhead(session)
 
 
 def _input_frames(path: str, height: int, width: int, fps: float):
@@ -366,6 +379,13 @@ def add_generate_args(gen: argparse.ArgumentParser) -> None:
         action="store_true",
         dest="stream_batch",
         help="run the steps of successive chunks as one batch (a chunk per forward after a warm-up)",
+    )
+    s.add_argument(
+        "--decode-ahead",
+        action="store_true",
+        dest="decode_ahead",
+        help="text-to-video: denoise the next chunk while this one is decoded (GPU: the two share the device; "
+        "a --switch lands up to two chunks later)",
     )
     s.add_argument(
         "--stream-batch-stride",

@@ -35,6 +35,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from stream_runtime.config import text_to_video_config, video_to_video_config
 from stream_runtime.pipelines.wan import presets
+from stream_runtime.pipelines.wan.decode_ahead import DecodeAhead
 from stream_runtime.pipelines.wan.pipeline import StreamPipeline
 from stream_runtime.pipelines.wan.taehv import TAEHV, TAEHVConfig
 from stream_runtime.pipelines.wan.text import build_word_tokenizer
@@ -142,11 +143,15 @@ def run_config(pipe, name, cfg, args, device, profiles: dict) -> dict:
         decode.append(s.timings["decode_s"])
         encode.append(s.timings.get("encode_s", 0.0))
     s.profile = False
+    ahead = DecodeAhead(s) if args.decode_ahead and mode == "t2v" else None
+    next_chunk = s.next_chunk if ahead is None else ahead.next_chunk
     for _ in range(args.chunks):
         t0 = time.perf_counter()
-        out = s.next_chunk()  # ends with a copy to the host, so it is synchronised
+        out = next_chunk()  # ends with a copy to the host, so it is synchronised
         e2e.append(time.perf_counter() - t0)
         out_frames.append(len(out))
+    if ahead is not None:
+        ahead.close()
     if args.profile:
         profiles[name] = profile_chunk(s, device)
         print(profiles[name], flush=True)
@@ -187,6 +192,11 @@ def main() -> None:
         const="all",
         choices=["blocks", "all"],
         help="torch.compile the transformer's block halves (blocks) or also the VAE (all: StreamPipeline.compile)",
+    )
+    ap.add_argument(
+        "--decode-ahead",
+        action="store_true",
+        help="t2v end to end through DecodeAhead: the next chunk's denoising overlaps this chunk's VAE decode",
     )
     ap.add_argument(
         "--profile", action="store_true", help="also profile one steady-state chunk: the top CUDA kernels to --out"
@@ -231,13 +241,15 @@ def main() -> None:
         "decoder": args.decoder,
         "stream_batch": args.stream_batch,
         "compile": args.compile,
+        "decode_ahead": args.decode_ahead,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     decoder = "" if args.decoder == "vae" else f"_{args.decoder}"
     batch = "_streambatch" if args.stream_batch else ""
     compiled = {None: "", "all": "_compiled", "blocks": "_compiledblocks"}[args.compile]
-    stem = f"stream_{meta['model']}_{args.attention}{decoder}{batch}{compiled}_{meta['date']}"
+    ahead = "_decodeahead" if args.decode_ahead else ""
+    stem = f"stream_{meta['model']}_{args.attention}{decoder}{batch}{compiled}{ahead}_{meta['date']}"
     for name, table in profiles.items():
         (out / f"profile_{stem}_{name}.txt").write_text(table + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

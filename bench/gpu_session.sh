@@ -13,12 +13,13 @@
 #   decoder    bench_latent_decoder.py: Wan VAE (eager, channels-last, compiled) vs TAEHV per latent frame, 480x832
 #   attention  bench_attention.py: kernels beside SDPA flash/cuDNN at the 1.3B and 14B shapes
 #   14b        bench_stream.py 14B t2v + v2v (sdpa, compiled blocks, fewer chunks)
+#   ahead      bench_stream.py 1.3B t2v compiled, end to end with --decode-ahead (decode beside the next chunk)
 #   pacing     bench_pacing.py: 1.3B t2v (compiled) played at 16 fps through stream_runtime.pacing.Paced, jitter
 #   peer       the peer (StreamDiffusionV2 from PyPI) in the same session, for ratios
 set -u
 out=${1:-bench/results}
 shift || true
-parts=${*:-tests probe stream compiled batch shared taehv decoder attention 14b pacing peer}
+parts=${*:-tests probe stream compiled ahead batch shared taehv decoder attention 14b pacing peer}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl 2>&1 | tail -2
@@ -51,6 +52,8 @@ for part in $parts; do
   attention) timeout 150 python3 bench/bench_attention.py --out "$out" 2>&1 | tail -12 ;;
   14b) timeout 210 python3 bench/bench_stream.py --model 14b --attention sdpa --compile blocks --chunks 4 --warmup 3 \
          --out "$out" 2>&1 | tail -4 ;;
+  ahead) timeout 300 python3 bench/bench_stream.py --attention sdpa --configs t2v --chunks 8 --warmup 6 --compile \
+           --decode-ahead --out "$out" 2>&1 | tail -3 ;;
   pacing) timeout 300 python3 bench/bench_pacing.py --model random-1.3b --device cuda --compile --seconds 20 \
             --out "$out" 2>&1 | tail -4 ;;
   peer) [ -f .whl/peer_sdv2.py ] && timeout 200 python3 .whl/peer_sdv2.py --out "$out/peer_sdv2.jsonl" 2>&1 | tail -12 ;;

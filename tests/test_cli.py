@@ -170,3 +170,12 @@ def test_generate_compile_compiles_the_pipeline(tmp_path, monkeypatch, capsys):
     assert calls == [True]
     assert read_video(out).shape[0] == 8
     assert "--compile" in capsys.readouterr().out
+
+
+def test_generate_decode_ahead_writes_the_same_clip(tmp_path):
+    """--decode-ahead (denoising ahead of decoding) writes the frames of the plain run; with --input it is refused."""
+    argv = ["generate", "--prompt", "a red fox", "--seconds", "1", "--height", "32", "--width", "32"]
+    assert cli.main([*argv, "--out", str(tmp_path / "plain.mp4")]) == 0
+    assert cli.main([*argv, "--out", str(tmp_path / "ahead.mp4"), "--decode-ahead"]) == 0
+    np.testing.assert_array_equal(read_video(tmp_path / "ahead.mp4"), read_video(tmp_path / "plain.mp4"))
+    assert cli.main([*argv, "--out", str(tmp_path / "x.mp4"), "--decode-ahead", "--input", "clip.mp4"]) == 2

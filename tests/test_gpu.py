@@ -112,3 +112,20 @@ def test_compiled_pipeline_session_on_gpu_bf16():
         assert compiled[mode].shape == eager[mode].shape
         # bf16: fused kernels round differently; the frames must still agree to a few levels on average
         assert np.abs(compiled[mode] - eager[mode]).mean() < 4.0, mode
+
+
+@torch.no_grad()
+def test_decode_ahead_on_gpu_matches_next_chunk():
+    """The decode on a side CUDA stream (after the producer's event) gives next_chunk's frames."""
+    import numpy as np
+
+    from stream_runtime import StreamPipeline
+    from stream_runtime.pipelines.wan.decode_ahead import DecodeAhead
+
+    pipe = StreamPipeline.tiny_random(device="cuda", dtype=torch.bfloat16)
+    with pipe.session("a red fox", seed=0, height=32, width=32) as s:
+        ref = np.concatenate([s.next_chunk() for _ in range(5)]).astype(np.float32)
+    with pipe.session("a red fox", seed=0, height=32, width=32) as s, DecodeAhead(s, depth=2) as ahead:
+        got = np.concatenate([next(ahead) for _ in range(5)]).astype(np.float32)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).mean() < 0.5

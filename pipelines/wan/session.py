@@ -494,12 +494,14 @@ class StreamSession:
             return None
         return self._emit(x0, start)
 
-    def _emit(self, x0: torch.Tensor, start: float) -> np.ndarray:
-        """Decode the chunk ``x0`` to uint8 frames and record :attr:`last_chunk` (``start``: its perf_counter)."""
+    def _emit(self, x0: torch.Tensor, start: float, index: int | None = None) -> np.ndarray:
+        """Decode the chunk ``x0`` to uint8 frames and record :attr:`last_chunk` (``start``: its perf_counter;
+        ``index``: its chunk number, default the chunk just denoised)."""
         with self._phase("decode_s"):
             pixels = self.decoder.decode(x0.to(self._decode_dtype))  # [1, 3, T, H, W] in [-1, 1]
         frames = ((pixels[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
         out = frames.permute(1, 2, 3, 0).cpu().numpy()
-        self.last_chunk = ChunkInfo(self.chunk_index - 1, self.output_frames, len(out), time.perf_counter() - start)
+        index = self.chunk_index - 1 if index is None else index
+        self.last_chunk = ChunkInfo(index, self.output_frames, len(out), time.perf_counter() - start)
         self.output_frames += len(out)
         return out

@@ -131,6 +131,10 @@ def make_plan(args: argparse.Namespace, pipe, world: int, input_frames: int | No
 
     if args.seconds <= 0:
         raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+    if args.decode_ahead:  # the last stage decodes while the ring carries the next chunks already
+        raise ValueError(
+            "--decode-ahead is for one process (here other chunks are in the ring while the last stage decodes)"
+        )
     overrides = _stream_overrides(args)
     overrides["stream_batch"] = True
     overrides.setdefault("stream_batch_stride", world)

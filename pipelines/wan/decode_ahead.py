@@ -1,0 +1,139 @@
+"""Decode ahead: the next chunk's denoising overlaps this chunk's VAE decode (text-to-video).
+
+A session's ``next_chunk`` denoises a chunk, then decodes it, then starts the next one, so the GPU runs the
+transformer and the VAE one after the other. :class:`DecodeAhead` runs the denoising in a producer thread (on the
+stream the session was built on) up to ``depth`` chunks ahead, while the caller's thread decodes each finished
+chunk on a side CUDA stream, so the two can share the GPU. The frames are those ``next_chunk`` gives; what changes
+is when a prompt switch lands: :meth:`DecodeAhead.set_prompt` applies before the next chunk the producer starts,
+which may be up to ``depth + 1`` chunks after the last one handed out (:attr:`DecodeAhead.switched_at` records
+where each switch applied).
+
+Example::
+
+    with pipe.session("a fox running in snow", seed=0) as s, DecodeAhead(s) as ahead:
+        for i, frames in enumerate(ahead):  # uint8 [T, H, W, 3] per chunk
+            if i == 10:
+                ahead.set_prompt("a fox running in a desert")
+
+Do not call the session itself while a :class:`DecodeAhead` runs on it; close the runner first. The session
+is then ahead of what was handed out by the chunks the runner generated but did not hand out.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import torch
+
+_END = object()
+
+
+class DecodeAhead:
+    """Iterate ``session``'s chunks (a text-to-video :class:`StreamSession`) with denoising ``depth`` chunks ahead
+    of decoding."""
+
+    def __init__(self, session, depth: int = 1) -> None:
+        if session.mode != "t2v":
+            raise ValueError(
+                "DecodeAhead runs text-to-video sessions (video-to-video waits on pushed input); "
+                f"got mode {session.mode!r}"
+            )
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.session = session
+        device = session.pipe.device
+        # The side stream is what lets the decode run beside the next chunk's kernels.
+        self._side = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self.switched_at: list[int] = []
+        """Chunk numbers before which each :meth:`set_prompt` took effect, in order."""
+        self._thread = threading.Thread(target=self._produce, daemon=True, name="decode-ahead")
+        self._thread.start()
+
+    # -- producer
+
+    def _produce(self) -> None:
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                while not self._stop.is_set():
+                    self._run_commands()
+                    start = time.perf_counter()
+                    x0 = self.session._generate_latents()  # its context pass runs at the start of the next chunk
+                    event = None
+                    if self._side is not None:
+                        event = torch.cuda.Event()
+                        event.record()
+                    if not self._put((x0, event, self.session.chunk_index - 1, start)):
+                        return
+        except BaseException as exc:  # raised in the consumer after the chunks before it
+            self._error = exc
+        finally:
+            self._put(_END)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- consumer
+
+    def set_prompt(self, prompt: str, blend_chunks: int | None = None) -> None:
+        """Switch the prompt before the next chunk the producer starts (see the module doc)."""
+
+        def switch():
+            self.switched_at.append(self.session.chunk_index)
+            self.session.set_prompt(prompt, blend_chunks)
+
+        self._commands.put(switch)
+
+    def next_chunk(self) -> np.ndarray:
+        """The next chunk's frames, uint8 ``[T, H, W, 3]`` (what ``session.next_chunk()`` gives)."""
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # later calls end the same way
+            if self._error is not None:
+                raise self._error
+            raise StopIteration
+        x0, event, index, start = item
+        with torch.no_grad():
+            if self._side is None:
+                return self.session._emit(x0, start, index)
+            self._side.wait_event(event)
+            x0.record_stream(self._side)  # the producer's allocator must not reuse it before the decode is done
+            with torch.cuda.stream(self._side):
+                return self.session._emit(x0, start, index)
+
+    def __iter__(self) -> DecodeAhead:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return self.next_chunk()
+
+    def __enter__(self) -> DecodeAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the producer after the chunk it is denoising, and wait for it."""
+        self._stop.set()
+        self._thread.join()
