@@ -194,6 +194,11 @@ def main() -> None:
         help="torch.compile the transformer's block halves (blocks) or also the VAE (all: StreamPipeline.compile)",
     )
     ap.add_argument(
+        "--early-first-frame",
+        action="store_true",
+        help="StreamConfig.early_first_frame: the first latent frame is handed out alone (time to first frame)",
+    )
+    ap.add_argument(
         "--decode-ahead",
         action="store_true",
         help="t2v end to end through DecodeAhead: the next chunk's denoising overlaps this chunk's VAE decode",
@@ -214,7 +219,7 @@ def main() -> None:
         pipe.compile()
     elif args.compile == "blocks":
         pipe.net.compile_blocks()
-    base = {"attention_backend": args.attention}
+    base = {"attention_backend": args.attention, "early_first_frame": args.early_first_frame}
     configs = {
         "t2v": text_to_video_config(**base, stream_batch=args.stream_batch),
         "v2v": video_to_video_config(**base),
@@ -242,13 +247,14 @@ def main() -> None:
         "stream_batch": args.stream_batch,
         "compile": args.compile,
         "decode_ahead": args.decode_ahead,
+        "early_first_frame": args.early_first_frame,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     decoder = "" if args.decoder == "vae" else f"_{args.decoder}"
     batch = "_streambatch" if args.stream_batch else ""
     compiled = {None: "", "all": "_compiled", "blocks": "_compiledblocks"}[args.compile]
-    ahead = "_decodeahead" if args.decode_ahead else ""
+    ahead = ("_decodeahead" if args.decode_ahead else "") + ("_early" if args.early_first_frame else "")
     stem = f"stream_{meta['model']}_{args.attention}{decoder}{batch}{compiled}{ahead}_{meta['date']}"
     for name, table in profiles.items():
         (out / f"profile_{stem}_{name}.txt").write_text(table + "\n")

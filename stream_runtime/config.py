@@ -76,6 +76,11 @@ class StreamConfig:
     caption dropout, such as the tiny-world model; the distilled few-step checkpoints are not: keep 1."""
     negative_prompt: str = ""
     """What guidance steers away from; ``""`` is the unconditional (empty) prompt."""
+    early_first_frame: bool = False
+    """Hand out the stream's first latent frame on its own as soon as it is decoded (one frame for Wan2.1), and the
+    rest of the first chunk from the next call, which decodes without denoising. The time to first frame then
+    drops by the decode of the first chunk's other latent frames. Later chunks are whole. The frames are the same,
+    only the first chunk is split. Sessions in shared forwards run their first chunk alone."""
     stream_batch: bool = False
     """Run the passes of successive chunks as one batch (StreamDiffusionV2's stream batch): one forward advances
     every chunk in flight by one pass, so a chunk comes out per forward after a warm-up. A chunk attends to the

@@ -33,6 +33,8 @@ def share_key(session: StreamSession) -> tuple | None:
     config = session.config
     if session.closed or session._stream_batch is not None or config.attention_reuse:
         return None
+    if config.early_first_frame and (session.output_frames == 0 or session._rest_of_first is not None):
+        return None  # its first chunk comes out in two parts: next_chunk does that alone
     if session.mode == "v2v" and config.motion_aware:
         return None  # its noise levels follow its own input's motion (device tensors): not shared
     sigmas = session._sigmas
@@ -114,7 +116,8 @@ def next_chunks(sessions: list[StreamSession]) -> list[np.ndarray | None]:
     if None in keys or len(keys) > 1 or len({id(s) for s in sessions}) < len(sessions):
         raise ValueError(
             "next_chunks: these sessions cannot share forwards (different settings, a stream batch, cross-step "
-            "reuse, motion-aware strength, or one session twice); group them with batching.groups()"
+            "reuse, motion-aware strength, an early_first_frame first chunk, or one session twice); group them "
+            "with batching.groups()"
         )
     start = time.perf_counter()
     _flush_contexts(sessions)

@@ -106,6 +106,7 @@ class StreamSession:
         self._reuse = CrossStepReuse(config.attention_reuse) if config.attention_reuse else None
         self.frame = 0  # latent frames generated since the last reset (RoPE frame numbers)
         self._pending_context: tuple[torch.Tensor, int] | None = None  # see _flush_context
+        self._rest_of_first: tuple[torch.Tensor, float] | None = None  # config.early_first_frame: not yet decoded
         self.chunk_index = 0
         self.output_frames = 0
         self.last_chunk: ChunkInfo | None = None
@@ -136,6 +137,7 @@ class StreamSession:
         """Release the cache and VAE state (the pipeline's weights stay loaded)."""
         self.closed = True
         self.cache = None
+        self._rest_of_first = None
         self.decoder.reset()
         if self.encoder is not None:
             self.encoder.reset()
@@ -208,8 +210,10 @@ class StreamSession:
 
     @property
     def chunks_in_flight(self) -> int:
-        """Chunks inside the stream batch (entered, not yet out); 0 when sequential."""
-        return 0 if self._stream_batch is None else self._stream_batch.in_flight
+        """Chunks denoised or entered but not handed out yet: inside the stream batch, or the rest of an
+        ``early_first_frame`` first chunk; 0 when sequential and nothing is pending."""
+        batch = 0 if self._stream_batch is None else self._stream_batch.in_flight
+        return batch + (self._rest_of_first is not None)
 
     def set_stream_batch(self, enabled: bool) -> None:
         """Switch between sequential and stream-batch denoising from the next chunk on (a scheduler's choice).
@@ -488,10 +492,18 @@ class StreamSession:
     @torch.no_grad()
     def next_chunk(self) -> np.ndarray | None:
         """Generate and decode the next chunk: uint8 ``[T, H, W, 3]``, or None (video-to-video without input)."""
+        if self._rest_of_first is not None:  # early_first_frame: the rest of the first chunk, decode only
+            x0, start = self._rest_of_first
+            self._rest_of_first = None
+            return self._emit(x0, start)
         start = time.perf_counter()
         x0 = self._generate_latents()  # the context pass runs at the start of the next call, after this decode
         if x0 is None:
             return None
+        if self.config.early_first_frame and self.output_frames == 0 and x0.shape[2] > 1:
+            # The decoder runs latent frame by latent frame, so decoding the chunk in two calls gives its frames.
+            self._rest_of_first = (x0[:, :, 1:], start)
+            return self._emit(x0[:, :, :1], start)
         return self._emit(x0, start)
 
     def _emit(self, x0: torch.Tensor, start: float, index: int | None = None) -> np.ndarray:
