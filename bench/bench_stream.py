@@ -132,6 +132,8 @@ def run_config(pipe, name, cfg, args, device, profiles: dict) -> dict:
     first = s.next_chunk()
     ttff = time.perf_counter() - start
     assert first is not None
+    if s._rest_of_first is not None:  # early_first_frame: hand out the rest of the first chunk before timing chunks
+        s.next_chunk()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
