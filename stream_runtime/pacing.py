@@ -30,14 +30,13 @@ The source is iterated in the producer thread, so do not call the session from a
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-_END = object()
+from stream_runtime.producer import END, Producer
 
 
 @dataclass(frozen=True)
@@ -92,44 +91,18 @@ class Paced:
             raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
         self.fps, self.buffer_s = float(fps), float(buffer_s)
         self._clock, self._sleep, self._on_underrun = clock, sleep, on_underrun
-        self._queue: queue.Queue = queue.Queue(maxsize=max_chunks)
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
         self._times: list[float] = []
         self._breaks: set[int] = set()  # indices i where the interval times[i] - times[i-1] spans an underrun
         self._underruns = 0
-        self._thread = threading.Thread(target=self._produce, args=(iter(chunks),), daemon=True, name="paced")
-        self._thread.start()
+        source = iter(chunks)
+        self._producer = Producer(lambda producer: self._produce(source, producer), max_chunks, name="paced")
 
-    # -- producer
-
-    def _produce(self, chunks: Iterator) -> None:
-        try:
-            for chunk in chunks:
-                if chunk is None or len(chunk) == 0:
-                    continue
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(chunk, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        except BaseException as exc:  # handed to the consumer, which raises it after the frames before it
-            self._error = exc
-        finally:
-            self._put_end()
-
-    def _put_end(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(_END, timeout=0.05)
-                return
-            except queue.Full:
+    def _produce(self, chunks: Iterator, producer: Producer) -> None:
+        for chunk in chunks:
+            if chunk is None or len(chunk) == 0:
                 continue
-
-    # -- consumer
+            if not producer.put(chunk):
+                return
 
     def __enter__(self) -> Paced:
         return self
@@ -139,15 +112,14 @@ class Paced:
 
     def close(self) -> None:
         """Stop the producer (it finishes the chunk it is generating) and wait for it."""
-        self._stop.set()
-        self._thread.join()
+        self._producer.close()
 
     def _buffer(self, pending: list) -> bool:
         """Fill ``pending`` (frames) up to ``buffer_s`` worth or the end; False once the source has ended."""
         want = max(1, round(self.buffer_s * self.fps))
         while len(pending) < want:
-            item = self._queue.get()
-            if item is _END:
+            item = self._producer.get()
+            if item is END:
                 return False
             pending.extend(item)
         return True
@@ -156,7 +128,7 @@ class Paced:
         try:
             yield from self._frames()
         finally:  # the consumer is done (or left the loop): the producer stops after its current chunk
-            self._stop.set()
+            self._producer.close()
 
     def _frames(self) -> Iterator[np.ndarray]:
         pending: list = []
@@ -166,7 +138,7 @@ class Paced:
         while pending or more:
             if not pending:
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._producer.get(block=False)
                 except queue.Empty:  # underrun: wait for a buffer's worth, restart the clock there
                     self._underruns += 1
                     if self._on_underrun is not None:
@@ -177,7 +149,7 @@ class Paced:
                     self._breaks.add(len(self._times))
                     t0, i = self._clock(), 0
                     continue
-                if item is _END:
+                if item is END:
                     more = False
                     continue
                 pending.extend(item)
@@ -188,8 +160,7 @@ class Paced:
             self._times.append(self._clock())
             i += 1
             yield pending.pop(0)
-        if self._error is not None:
-            raise self._error
+        self._producer.raise_error()
 
     def stats(self) -> PacingStats:
         """Intervals and jitter of the frames handed out so far."""

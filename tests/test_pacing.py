@@ -96,8 +96,8 @@ def test_the_queue_bounds_how_far_generation_runs_ahead():
     paced = Paced(counting(), fps=10, max_chunks=2)
     assert full.wait(timeout=10)
     paced.close()  # nobody read a frame: the producer gives up its pending put and pulls nothing more
-    assert len(pulled) == 3 and paced._queue.qsize() == 2
-    assert not paced._thread.is_alive()
+    assert len(pulled) == 3 and paced._producer.queued() == 2
+    assert not paced._producer.alive
 
 
 @pytest.mark.parametrize(
@@ -107,3 +107,23 @@ def test_the_queue_bounds_how_far_generation_runs_ahead():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Paced([], **kwargs)
+
+
+def test_producer_hands_items_in_order_then_end_then_its_error():
+    from stream_runtime.producer import END, Producer
+
+    def work(producer):
+        for i in range(3):
+            producer.put(i)
+        raise KeyError("lost")
+
+    producer = Producer(work, maxsize=1, name="test")
+    items = []
+    while (item := producer.get()) is not END:
+        items.append(item)
+    assert items == [0, 1, 2]
+    with pytest.raises(KeyError, match="lost"):
+        producer.raise_error()
+    producer.close()
+    with pytest.raises(ValueError, match="maxsize"):
+        Producer(work, maxsize=0, name="test")

@@ -29,6 +29,22 @@ _LOG2E = math.log2(math.e)
 
 
 @triton.jit
+def _load_tile(ptrs, desc, row, mask_n, mask_d, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """One ``[BLOCK_N, BLOCK_D]`` key or value tile starting at key ``row``; keys past the end load as zeros."""
+    if USE_TMA:
+        # The tensor-memory-accelerator copy: rows past k_len arrive as zeros (and are masked in qk).
+        tile = desc.load([row, 0])
+    elif MASK_N:
+        tile = tl.load(ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    elif EVEN_D:
+        # Full tiles of a power-of-two head dim load unmasked (the common case: D = 64 or 128).
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
 def _attend_key_tiles(
     acc,
     m_i,
@@ -65,19 +81,9 @@ def _attend_key_tiles(
         offs_kn = kb * TABLE_N + (t % SUB_N) * BLOCK_N + offs_n
         k_ptrs = k_head + offs_kn[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = v_head + offs_kn[:, None] * stride_vn + offs_d[None, :]
-        if MASK_N:
-            mask_n = offs_kn < k_len
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-        if USE_TMA:
-            # The tensor-memory-accelerator copy: rows past k_len arrive as zeros (and are masked in qk below).
-            k = k_desc.load([kb * TABLE_N + (t % SUB_N) * BLOCK_N, 0])
-        elif MASK_N:
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        elif EVEN_D:
-            # Full tiles of a power-of-two head dim load unmasked (the common case: D = 64 or 128).
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+        row = kb * TABLE_N + (t % SUB_N) * BLOCK_N
+        mask_n = offs_kn < k_len
+        k = _load_tile(k_ptrs, k_desc, row, mask_n, mask_d, MASK_N, EVEN_D, USE_TMA)
         # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N], in log2 units (qk_scale folds in log2(e))
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASK_N:
@@ -91,14 +97,7 @@ def _attend_key_tiles(
         p = tl.math.exp2(qk - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_TMA:
-            v = v_desc.load([kb * TABLE_N + (t % SUB_N) * BLOCK_N, 0])
-        elif MASK_N:
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif EVEN_D:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+        v = _load_tile(v_ptrs, v_desc, row, mask_n, mask_d, MASK_N, EVEN_D, USE_TMA)
         # [BLOCK_M, BLOCK_N] @ [BLOCK_N, BLOCK_D] -> [BLOCK_M, BLOCK_D]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new

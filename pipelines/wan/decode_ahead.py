@@ -22,13 +22,12 @@ is then ahead of what was handed out by the chunks the runner generated but did 
 from __future__ import annotations
 
 import queue
-import threading
 import time
 
 import numpy as np
 import torch
 
-_END = object()
+from stream_runtime.producer import END, Producer
 
 
 class DecodeAhead:
@@ -47,34 +46,26 @@ class DecodeAhead:
         device = session.pipe.device
         # The side stream is what lets the decode run beside the next chunk's kernels.
         self._side = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
+        self._ended = False
         self.switched_at: list[int] = []
         """Chunk numbers before which each :meth:`set_prompt` took effect, in order."""
-        self._thread = threading.Thread(target=self._produce, daemon=True, name="decode-ahead")
-        self._thread.start()
+        self._producer = Producer(self._produce, maxsize=depth, name="decode-ahead")
 
     # -- producer
 
-    def _produce(self) -> None:
-        try:
-            with torch.no_grad():  # grad mode is per thread
-                while not self._stop.is_set():
-                    self._run_commands()
-                    start = time.perf_counter()
-                    x0 = self.session._generate_latents()  # its context pass runs at the start of the next chunk
-                    event = None
-                    if self._side is not None:
-                        event = torch.cuda.Event()
-                        event.record()
-                    if not self._put((x0, event, self.session.chunk_index - 1, start)):
-                        return
-        except BaseException as exc:  # raised in the consumer after the chunks before it
-            self._error = exc
-        finally:
-            self._put(_END)
+    def _produce(self, producer: Producer) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            while not producer.closed:
+                self._run_commands()
+                start = time.perf_counter()
+                x0 = self.session._generate_latents()  # its context pass runs at the start of the next chunk
+                event = None
+                if self._side is not None:
+                    event = torch.cuda.Event()
+                    event.record()
+                if not producer.put((x0, event, self.session.chunk_index - 1, start)):
+                    return
 
     def _run_commands(self) -> None:
         while True:
@@ -83,15 +74,6 @@ class DecodeAhead:
             except queue.Empty:
                 return
             command()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     # -- consumer
 
@@ -106,11 +88,10 @@ class DecodeAhead:
 
     def next_chunk(self) -> np.ndarray:
         """The next chunk's frames, uint8 ``[T, H, W, 3]`` (what ``session.next_chunk()`` gives)."""
-        item = self._queue.get()
-        if item is _END:
-            self._queue.put(_END)  # later calls end the same way
-            if self._error is not None:
-                raise self._error
+        item = END if self._ended else self._producer.get()
+        if item is END:
+            self._ended = True  # later calls end the same way
+            self._producer.raise_error()
             raise StopIteration
         x0, event, index, start = item
         with torch.no_grad():
@@ -135,5 +116,4 @@ class DecodeAhead:
 
     def close(self) -> None:
         """Stop the producer after the chunk it is denoising, and wait for it."""
-        self._stop.set()
-        self._thread.join()
+        self._producer.close()
