@@ -1,0 +1,43 @@
+"""The GPU session's benchmark scripts run end to end on tiny CPU configs (figures not checked): GPU time is
+scarce, so a script that breaks should break here first."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(tmp_path, *args):
+    command = [sys.executable, *args, "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("extra", [[], ["--decode-ahead", "--early-first-frame"]], ids=["plain", "ahead_early"])
+def test_bench_stream_tiny(tmp_path, extra):
+    run(tmp_path, "bench/bench_stream.py", "--tiny", *extra)
+    (result,) = tmp_path.glob("stream_tiny_*.json")
+    report = json.loads(result.read_text())
+    assert [r["config"] for r in report["rows"]] == ["t2v", "v2v"]
+    assert report["meta"]["decode_ahead"] == bool(extra) and report["meta"]["early_first_frame"] == bool(extra)
+    assert all(r["e2e_fps"] > 0 and r["ttff_s"] > 0 for r in report["rows"])
+
+
+def test_bench_pacing_random_tiny(tmp_path):
+    run(tmp_path, "bench/bench_pacing.py", "--model", "random-tiny", "--seconds", "1", "--threads", "1")
+    (result,) = tmp_path.glob("pacing_cpu_*.json")
+    row = json.loads(result.read_text())["row"]
+    assert row["frames"] == 16 and row["interval_p50_ms"] > 0
+
+
+def test_bench_latent_decoder_variants(tmp_path):
+    """The channels-last variant (the full-size Wan VAE at 32x32: slow to build, so only this one)."""
+    args = ["--sizes", "32x32", "--decoders", "vae_channels_last", "--latent-frames", "4", "--warmup", "1"]
+    run(tmp_path, "bench/bench_latent_decoder.py", *args, "--repeats", "1")
+    (result,) = tmp_path.glob("latent_decoder_*.json")
+    assert [r["decoder"] for r in json.loads(result.read_text())["rows"]] == ["vae_channels_last"]
