@@ -27,6 +27,7 @@ from stream_runtime.serving import (
 from stream_runtime.serving.api import timesteps_for_steps
 from stream_runtime.serving.engine import _Live
 from stream_runtime.serving.metrics import Metrics, prometheus_text
+from stream_runtime.serving.protocol import ProtocolError
 
 SIZE = 32
 WAIT_S = 60.0  # a guard against hangs, never a synchronisation
@@ -336,3 +337,17 @@ def test_steps_spread_over_the_default_range():
     assert timesteps_for_steps((700.0, 500.0), 3) == (700.0, 600.0, 500.0)
     assert timesteps_for_steps((1000.0,), 1) == (1000.0,)
     assert timesteps_for_steps((1000.0,), 2) == (1000.0, 500.0)
+
+
+def test_open_asks_for_an_early_first_frame(make_engine):
+    """The protocol's early_first_frame reaches the session's config (the split itself: test_early_first_frame.py)."""
+    from stream_runtime.serving.protocol import parse_open
+
+    engine = make_engine()
+    req, _ = parse_open(
+        {"type": "open", "prompt": "a red fox", "height": SIZE, "width": SIZE, "early_first_frame": True}
+    )
+    assert engine.resolve(req)[0].early_first_frame
+    assert not engine.resolve(request())[0].early_first_frame
+    with pytest.raises(ProtocolError, match="early_first_frame"):
+        parse_open({"type": "open", "prompt": "a red fox", "early_first_frame": "yes"})

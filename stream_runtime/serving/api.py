@@ -92,6 +92,9 @@ class SessionRequest:
     """Default prompt-blend length of later prompt switches."""
     motion_aware: bool | None = None
     """Video-to-video: follow the input's motion with the strength."""
+    early_first_frame: bool | None = None
+    """Send the stream's first latent frame on its own as soon as it is decoded (``StreamConfig.early_first_frame``;
+    None: the model's default, off)."""
     guidance_scale: float | None = None
     """Classifier-free guidance (1: off; None: the model's default). A session keeps guidance on or off for its
     life; only the scale of a guided session changes in an update."""

@@ -234,6 +234,8 @@ class Engine:
             overrides["blend_chunks"] = request.blend_chunks
         if request.motion_aware is not None:
             overrides["motion_aware"] = bool(request.motion_aware)
+        if request.early_first_frame is not None:
+            overrides["early_first_frame"] = bool(request.early_first_frame)
         if request.guidance_scale is not None:
             overrides["guidance_scale"] = float(request.guidance_scale)
         for name in ("slo_ttff_s", "slo_fps"):

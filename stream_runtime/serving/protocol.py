@@ -48,7 +48,8 @@ UNDERSTAND_ONLY_FIELDS = ("source", "fps", "stride_frames")
 """Fields of an ``open`` with ``mode: "understand"`` only (see :mod:`stream_runtime.serving.understand`)."""
 FIELDS = {
     "open": frozenset(
-        ("type", "protocol", "seed", "mode", "height", "width", "motion_aware", "format", "quality", "record")
+        ("type", "protocol", "seed", "mode", "height", "width", "motion_aware", "early_first_frame", "format")
+        + ("quality", "record")
         + _UPDATE_FIELDS
         + SLO_FIELDS
         + UNDERSTAND_ONLY_FIELDS
@@ -309,6 +310,7 @@ def parse_open(msg: dict) -> tuple[SessionRequest, OutputFormat]:
         strength=_strength(msg),
         blend_chunks=_int(msg, "blend_chunks", "an integer >= 0"),
         motion_aware=_get(msg, "motion_aware", (bool,), "true or false"),
+        early_first_frame=_get(msg, "early_first_frame", (bool,), "true or false"),
         guidance_scale=_guidance(msg),
         **{name: _positive(msg, name) for name in SLO_FIELDS},
     )
