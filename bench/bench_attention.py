@@ -25,7 +25,12 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from stream_runtime.kernels.block_sparse_attn import block_sparse_attention, dense_block_table, naive_attention
+from stream_runtime.kernels.block_sparse_attn import (
+    BlockTable,
+    block_sparse_attention,
+    dense_block_table,
+    naive_attention,
+)
 from stream_runtime.kernels.radial import radial_block_table, rolling_cache_layout
 
 # Attention heads of the two Wan2.1 text-to-video models (head_dim 128 in both): 1.3B has dim 1536, 14B dim 5120.
@@ -114,8 +119,15 @@ def run_model(name: str, heads: int, table_dense, table_radial, configs: list) -
 
     record("sdpa-flash", lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION), reference, 1.0)
     record("sdpa-cudnn", lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION), reference, 1.0)
+    # The same full table built from a mask: the kernel reads every block index (as a sparse table makes it do),
+    # where dense_block_table's marks it dense and the kernel walks the keys without the index loads.
+    full = torch.ones(1, 1, table_dense.n_q_blocks, table_dense.n_k_blocks, dtype=torch.bool)
+    table_indexed = BlockTable.from_block_mask(
+        full, table_dense.block_m, table_dense.block_n, table_dense.q_len, table_dense.k_len
+    ).to("cuda")
     for label, table, ref in (
         ("triton-dense", table_dense, reference),
+        ("triton-dense-indexed", table_indexed, reference),
         ("triton-radial", table_radial, radial_reference),
     ):
         for config in configs:
@@ -143,7 +155,7 @@ def summarize(rows: list[dict], density: float) -> tuple[list[dict], str]:
     ]
     targets = []
     for model in MODELS:
-        for backend in ("sdpa-flash", "sdpa-cudnn", "triton-dense", "triton-radial"):
+        for backend in ("sdpa-flash", "sdpa-cudnn", "triton-dense", "triton-dense-indexed", "triton-radial"):
             r = best(rows, model, backend)
             if r is None:
                 lines.append(f"| {model} | {backend} | unavailable | | | | |")

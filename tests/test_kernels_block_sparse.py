@@ -126,6 +126,31 @@ def test_kernel_tiles_smaller_than_table_blocks():
     check_against_reference(q, k, v, table, block_m=16, block_n=16)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "q{}k{}b{}x{}".format(*s))
+def test_dense_walk_equals_the_indexed_walk_of_a_full_table(shape):
+    """dense_block_table's tables skip the index loads (DENSE); a full table built from a mask reads them: same
+    output, including the short last key block."""
+    q_len, k_len, block_m, block_n = shape
+    q, k, v = make_qkv(1, q_len, k_len, 2, 32, torch.float32, seed=6)
+    dense = dense_block_table(q_len, k_len, block_m, block_n, device=DEVICE)
+    mask = torch.ones(1, 1, dense.n_q_blocks, dense.n_k_blocks, dtype=torch.bool)
+    indexed = BlockTable.from_block_mask(mask, block_m, block_n, q_len, k_len).to(DEVICE)
+    assert dense.dense and not indexed.dense
+    out_dense, lse_dense = check_against_reference(q, k, v, dense)
+    out_indexed, lse_indexed = block_sparse_attention(q, k, v, indexed)
+    assert_close(out_dense, out_indexed, dtype=torch.float32)
+    assert_close(lse_dense, lse_indexed, dtype=torch.float32)
+
+
+def test_a_table_marked_dense_must_be_full():
+    mask = torch.ones(1, 1, 2, 3, dtype=torch.bool)
+    mask[0, 0, 1, 2] = False
+    partial = BlockTable.from_block_mask(mask, 16, 16, 32, 48)
+    marked = BlockTable(partial.block_idx, partial.block_count, 16, 16, 32, 48, dense=True)
+    with pytest.raises(ValueError, match="marked dense"):
+        marked.validate()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_tma_loads_match_reference(dtype):
     """Key/value tiles through tensor descriptors: dense and sparse tables, a short last key block (zero-filled past

@@ -69,6 +69,7 @@ def _attend_key_tiles(
     MASK_N: tl.constexpr,
     EVEN_D: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DENSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_start, tile_stop) of one table row."""
@@ -77,7 +78,10 @@ def _attend_key_tiles(
     mask_d = offs_d < D
     for t in range(tile_start, tile_stop):
         # Tile t is sub-tile (t % SUB_N) of the (t // SUB_N)-th listed table block.
-        kb = tl.load(idx_row + t // SUB_N)
+        if DENSE:
+            kb = t // SUB_N  # every block, in order: no index load for the key loads to wait on
+        else:
+            kb = tl.load(idx_row + t // SUB_N)
         offs_kn = kb * TABLE_N + (t % SUB_N) * BLOCK_N + offs_n
         k_ptrs = k_head + offs_kn[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = v_head + offs_kn[:, None] * stride_vn + offs_d[None, :]
@@ -147,6 +151,7 @@ def _block_sparse_attn_fwd_kernel(
     EVEN_N: tl.constexpr,
     EVEN_D: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DENSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -178,7 +183,10 @@ def _block_sparse_attn_fwd_kernel(
 
     # Broadcast table dims have stride 0, so (b, h) index them unchanged.
     table_row = pid_m // ROWS_PER_TABLE_BLOCK
-    count = tl.load(count_ptr + b * stride_cb + h * stride_ch + table_row)
+    if DENSE:
+        count = n_k_blocks
+    else:
+        count = tl.load(count_ptr + b * stride_cb + h * stride_ch + table_row)
     idx_row = idx_ptr + b * stride_ib + h * stride_ih + table_row * stride_im
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -190,16 +198,20 @@ def _block_sparse_attn_fwd_kernel(
     else:
         # Rows list blocks ascending, so the short last key block, when listed, is the last entry: every block before
         # it runs unmasked, and only that one pays for the key mask.
-        last = tl.load(idx_row + count - 1, mask=count > 0, other=0)
-        n_full = count - ((count > 0) & (last == n_k_blocks - 1)).to(tl.int32)
+        if DENSE:
+            n_full = count - 1  # the short last key block is listed, last
+        else:
+            last = tl.load(idx_row + count - 1, mask=count > 0, other=0)
+            n_full = count - ((count > 0) & (last == n_k_blocks - 1)).to(tl.int32)
     acc, m_i, l_i = _attend_key_tiles(
         acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, 0, n_full * SUB_N, k_len, stride_kn, stride_vn,
-        qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, USE_TMA, DOT_PRECISION,
+        qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, USE_TMA, DENSE, DOT_PRECISION,
     )  # fmt: skip
     if not EVEN_N:
         acc, m_i, l_i = _attend_key_tiles(
             acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, n_full * SUB_N, count * SUB_N, k_len,
-            stride_kn, stride_vn, qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, EVEN_D, USE_TMA, DOT_PRECISION,
+            stride_kn, stride_vn, qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, EVEN_D, USE_TMA, DENSE,
+            DOT_PRECISION,
         )  # fmt: skip
 
     # Empty rows (no listed block) have l = 0: out = 0 and lse = -inf by convention.
@@ -363,6 +375,7 @@ def block_sparse_attention(
         EVEN_N=k_len % table.block_n == 0,
         EVEN_D=triton.next_power_of_2(d) == d and d >= 16,
         USE_TMA=use_tma,
+        DENSE=table.dense,
         # Triton's fp32 dot defaults to tf32; fp32 inputs exist for exactness (references, tiny models).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=default_warps if num_warps is None else num_warps,

@@ -38,6 +38,9 @@ class BlockTable:
     """Query tokens the table was built for (the kernel checks ``q.shape[1]`` against it)."""
     k_len: int
     """Key tokens the table was built for (the kernel checks ``k.shape[1]`` against it)."""
+    dense: bool = False
+    """Every row lists every key block (what :func:`dense_block_table` builds): the kernel then walks the keys in
+    order without reading the table, so its loads do not wait on an index load."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -77,7 +80,13 @@ class BlockTable:
     def to(self, device: torch.device | str) -> BlockTable:
         """The same table with its index tensors on ``device`` (do this once, not per call)."""
         return BlockTable(
-            self.block_idx.to(device), self.block_count.to(device), self.block_m, self.block_n, self.q_len, self.k_len
+            self.block_idx.to(device),
+            self.block_count.to(device),
+            self.block_m,
+            self.block_n,
+            self.q_len,
+            self.k_len,
+            self.dense,
         )
 
     @classmethod
@@ -152,6 +161,8 @@ class BlockTable:
         ascending = idx[..., 1:] > idx[..., :-1]
         if bool((~ascending & valid[..., 1:]).any()):
             raise ValueError("each block_idx row must list its key blocks strictly ascending (the kernel relies on it)")
+        if self.dense and not bool((self.block_count == self.n_k_blocks).all()):
+            raise ValueError("a table marked dense must list every key block in every row (or set dense=False)")
 
 
 def dense_block_table(
@@ -167,4 +178,4 @@ def dense_block_table(
     n_q_blocks, n_k_blocks = math.ceil(q_len / block_m), math.ceil(k_len / block_n)
     idx = torch.arange(n_k_blocks, dtype=torch.int32, device=device).expand(1, 1, n_q_blocks, n_k_blocks)
     cnt = torch.full((1, 1, n_q_blocks), n_k_blocks, dtype=torch.int32, device=device)
-    return BlockTable(idx.contiguous(), cnt, block_m, block_n, q_len, k_len)
+    return BlockTable(idx.contiguous(), cnt, block_m, block_n, q_len, k_len, dense=True)
