@@ -508,6 +508,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if getattr(args, "compile", False) and _is_compile_failure(exc):
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            print(
+                f"error: torch.compile failed ({first}); run without --compile (on a CPU, inductor also needs a "
+                "C++ compiler)",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+
+
+def _is_compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of torch.compile (dynamo or a backend), not out of the model itself."""
+    module = type(exc).__module__
+    return module.startswith(("torch._dynamo", "torch._inductor"))
 
 
 if __name__ == "__main__":

@@ -179,3 +179,23 @@ def test_generate_decode_ahead_writes_the_same_clip(tmp_path):
     assert cli.main([*argv, "--out", str(tmp_path / "ahead.mp4"), "--decode-ahead"]) == 0
     np.testing.assert_array_equal(read_video(tmp_path / "ahead.mp4"), read_video(tmp_path / "plain.mp4"))
     assert cli.main([*argv, "--out", str(tmp_path / "x.mp4"), "--decode-ahead", "--input", "clip.mp4"]) == 2
+
+
+def test_a_failing_compile_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """A backend that cannot compile (e.g. inductor without a C++ compiler) ends generate --compile with exit 2 and
+    a line that says to drop --compile, not a traceback."""
+    from stream_runtime.pipelines.wan.pipeline import StreamPipeline
+
+    compile_ = StreamPipeline.compile
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    def compile_broken(self, enabled=True, backend="inductor", mode=None):
+        compile_(self, enabled, backend=broken_backend if enabled else backend, mode=mode)
+
+    monkeypatch.setattr(StreamPipeline, "compile", compile_broken)
+    argv = ["generate", "--prompt", "a red fox", "--seconds", "0.5", "--out", str(tmp_path / "c.mp4"), "--compile"]
+    assert cli.main([*argv, "--height", "32", "--width", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "torch.compile failed" in err and "without --compile" in err
