@@ -138,8 +138,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     height, width = args.height or pipe.default_resolution[0], args.width or pipe.default_resolution[1]
     total = math.ceil(args.seconds * args.fps)
-    if getattr(args, "decode_ahead", False) and args.input is not None:
-        raise ValueError("--decode-ahead is for text-to-video; drop it or --input")
     source = None if args.input is None else _input_frames(args.input, height, width, args.fps)  # fails early
     writer = VideoWriter(args.out, fps=args.fps)
     mode = "t2v" if source is None else "v2v"
@@ -149,12 +147,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, unit="frame", desc="generating", dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        with session, writer, _decode_ahead(session, getattr(args, "decode_ahead", False)) as ahead:
+        with session, writer, _decode_ahead(session, getattr(args, "decode_ahead", False), source) as ahead:
             control = ahead or session
             while writer.frames_written < total:
                 while switches and switches[0][0] <= writer.frames_written:
                     control.set_prompt(switches.pop(0)[1])
-                frames = control.next_chunk() if source is None else _next_v2v_chunk(session, source)
+                if ahead is not None:
+                    frames = next(ahead, None)  # None: the input video ended
+                else:
+                    frames = session.next_chunk() if source is None else _next_v2v_chunk(session, source)
                 if frames is None:  # the input video ended
                     break
                 frames = frames[: total - writer.frames_written]
@@ -174,13 +175,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decode_ahead(session, enabled: bool):
-    """A DecodeAhead runner over ``session`` (closed on exit), or a no-op context that gives None."""
+def _decode_ahead(session, enabled: bool, frames=None):
+    """A DecodeAhead runner over ``session`` (video-to-video: reading ``frames``; closed on exit), or a no-op
+    context that gives None."""
     if not enabled:
         return contextlib.nullcontext()
     from stream_runtime.pipelines.wan.decode_ahead import DecodeAhead
 
-    return DecodeAhead(session)
+    return DecodeAhead(session, frames=frames)
 
 
 def _input_frames(path: str, height: int, width: int, fps: float):
@@ -384,8 +386,8 @@ def add_generate_args(gen: argparse.ArgumentParser) -> None:
         "--decode-ahead",
         action="store_true",
         dest="decode_ahead",
-        help="text-to-video: denoise the next chunk while this one is decoded (GPU: the two share the device; "
-        "a --switch lands up to two chunks later)",
+        help="denoise (and, with --input, encode) the next chunk while this one is decoded (GPU: the two share "
+        "the device; a --switch lands up to two chunks later)",
     )
     s.add_argument(
         "--stream-batch-stride",

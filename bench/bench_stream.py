@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import pathlib
 import statistics
@@ -145,7 +146,9 @@ def run_config(pipe, name, cfg, args, device, profiles: dict) -> dict:
         decode.append(s.timings["decode_s"])
         encode.append(s.timings.get("encode_s", 0.0))
     s.profile = False
-    ahead = DecodeAhead(s) if args.decode_ahead and mode == "t2v" else None
+    ahead = None
+    if args.decode_ahead:  # v2v: an endless input (the session still holds what open_session pushed)
+        ahead = DecodeAhead(s) if mode == "t2v" else DecodeAhead(s, frames=itertools.cycle(frames_in))
     next_chunk = s.next_chunk if ahead is None else ahead.next_chunk
     for _ in range(args.chunks):
         t0 = time.perf_counter()
@@ -203,7 +206,7 @@ def main() -> None:
     ap.add_argument(
         "--decode-ahead",
         action="store_true",
-        help="t2v end to end through DecodeAhead: the next chunk's denoising overlaps this chunk's VAE decode",
+        help="end to end through DecodeAhead: the next chunk's encode and denoising overlap this chunk's decode",
     )
     ap.add_argument(
         "--profile", action="store_true", help="also profile one steady-state chunk: the top CUDA kernels to --out"

@@ -13,7 +13,7 @@
 #   decoder    bench_latent_decoder.py: Wan VAE (eager, channels-last, compiled) vs TAEHV per latent frame, 480x832
 #   attention  bench_attention.py: kernels beside SDPA flash/cuDNN at the 1.3B and 14B shapes
 #   14b        bench_stream.py 14B t2v + v2v (sdpa, compiled blocks, fewer chunks)
-#   ahead      bench_stream.py 1.3B t2v compiled, --decode-ahead (decode beside the next chunk), --early-first-frame
+#   ahead      bench_stream.py 1.3B t2v + v2v compiled, --decode-ahead (decode beside the next chunk), --early-first-frame
 #   pacing     bench_pacing.py: 1.3B t2v (compiled) played at 16 fps through stream_runtime.pacing.Paced, jitter
 #   peer       the peer (StreamDiffusionV2 from PyPI) in the same session, for ratios
 set -u
@@ -52,7 +52,7 @@ for part in $parts; do
   attention) timeout 150 python3 bench/bench_attention.py --out "$out" 2>&1 | tail -12 ;;
   14b) timeout 210 python3 bench/bench_stream.py --model 14b --attention sdpa --compile blocks --chunks 4 --warmup 3 \
          --out "$out" 2>&1 | tail -4 ;;
-  ahead) timeout 300 python3 bench/bench_stream.py --attention sdpa --configs t2v --chunks 8 --warmup 6 --compile \
+  ahead) timeout 400 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 6 --compile \
            --decode-ahead --early-first-frame --out "$out" 2>&1 | tail -3 ;;
   pacing) timeout 300 python3 bench/bench_pacing.py --model random-1.3b --device cuda --compile --seconds 20 \
             --out "$out" 2>&1 | tail -4 ;;

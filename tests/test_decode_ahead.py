@@ -59,6 +59,31 @@ def test_producer_errors_reach_the_consumer(pipe, monkeypatch):
                 next(ahead)
 
 
-def test_refuses_video_to_video(pipe):
-    with pipe.session("a red fox", mode="v2v") as s, pytest.raises(ValueError, match="text-to-video"):
+def test_video_to_video_reads_its_input_as_chunks_need_it(pipe):
+    """frames= for v2v: the producer pushes what each chunk needs; the output is next_chunk's, and the runner
+    ends when the input does."""
+    h, w = pipe.default_resolution
+    frames = np.random.default_rng(0).integers(0, 256, (21, h, w, 3), dtype=np.uint8)  # 1 + 4 * 5: six chunks
+    with pipe.session("a red fox", mode="v2v", seed=3, chunk_frames=1) as s:
+        s.push_frames(frames)
+        ref = [s.next_chunk() for _ in range(6)]
+        assert s.next_chunk() is None
+    pulled = []
+
+    def reading():
+        for frame in frames:
+            pulled.append(1)
+            yield frame
+
+    with pipe.session("a red fox", mode="v2v", seed=3, chunk_frames=1) as s, DecodeAhead(s, frames=reading()) as ahead:
+        got = list(ahead)
+    assert len(got) == 6 and len(pulled) == 21
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_frames_only_for_video_to_video(pipe):
+    with pipe.session("a red fox", mode="v2v") as s, pytest.raises(ValueError, match="frames="):
         DecodeAhead(s)
+    with pipe.session("a red fox") as s, pytest.raises(ValueError, match="frames="):
+        DecodeAhead(s, frames=[])
