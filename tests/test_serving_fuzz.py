@@ -108,6 +108,7 @@ FIELD_TYPES = {
     "strength": "number",
     "guidance_scale": "number",
     "motion_aware": "bool",
+    "early_first_frame": "bool",
     "record": "bool",
     "timesteps": "numbers",
     "source": "string",  # the understand-only fields: an error in any other open, and of a wrong type anyway
