@@ -172,36 +172,35 @@ def test_generate_compile_compiles_the_pipeline(tmp_path, monkeypatch, capsys):
     assert "--compile" in capsys.readouterr().out
 
 
-def test_generate_decode_ahead_writes_the_same_clip(tmp_path):
+def written_frames(monkeypatch) -> list:
+    """Every frame array generate hands its VideoWriter, recorded: the MP4 itself is not bit-reproducible (two
+    encodes of the same frames by x264 differed in a few pixels here), so the tests compare what was written."""
+    from stream_runtime.video_io import VideoWriter
+
+    frames = []
+    write = VideoWriter.write
+
+    def recording(self, arr):
+        frames.append(np.array(arr, copy=True))
+        write(self, arr)
+
+    monkeypatch.setattr(VideoWriter, "write", recording)
+    return frames
+
+
+def test_generate_decode_ahead_writes_the_same_clip(tmp_path, monkeypatch):
     """--decode-ahead (denoising ahead of decoding) writes the frames of the plain run."""
+    written = written_frames(monkeypatch)
     argv = ["generate", "--prompt", "a red fox", "--seconds", "1", "--height", "32", "--width", "32"]
     assert cli.main([*argv, "--out", str(tmp_path / "plain.mp4")]) == 0
+    plain = np.concatenate(written)
+    written.clear()
     assert cli.main([*argv, "--out", str(tmp_path / "ahead.mp4"), "--decode-ahead"]) == 0
-    np.testing.assert_array_equal(read_video(tmp_path / "ahead.mp4"), read_video(tmp_path / "plain.mp4"))
-
-
-def test_a_failing_compile_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    """A backend that cannot compile (e.g. inductor without a C++ compiler) ends generate --compile with exit 2 and
-    a line that says to drop --compile, not a traceback."""
-    from stream_runtime.pipelines.wan.pipeline import StreamPipeline
-
-    compile_ = StreamPipeline.compile
-
-    def broken_backend(gm, example_inputs):
-        raise RuntimeError("no C++ compiler found")
-
-    def compile_broken(self, enabled=True, backend="inductor", mode=None):
-        compile_(self, enabled, backend=broken_backend if enabled else backend, mode=mode)
-
-    monkeypatch.setattr(StreamPipeline, "compile", compile_broken)
-    argv = ["generate", "--prompt", "a red fox", "--seconds", "0.5", "--out", str(tmp_path / "c.mp4"), "--compile"]
-    assert cli.main([*argv, "--height", "32", "--width", "32"]) == 2
-    err = capsys.readouterr().err
-    assert "torch.compile failed" in err and "without --compile" in err
+    np.testing.assert_array_equal(np.concatenate(written), plain)
 
 
 @pytest.mark.parametrize("extra", [[], ["--stream-batch", "--strength", "0.7"]])
-def test_generate_decode_ahead_from_an_input_video(tmp_path, extra):
+def test_generate_decode_ahead_from_an_input_video(tmp_path, monkeypatch, extra):
     """Video-to-video through DecodeAhead (the producer reads the input as chunks need it): the plain run's frames,
     to the input's end (a stream batch drained)."""
     from helpers import write_clip
@@ -212,8 +211,10 @@ def test_generate_decode_ahead_from_an_input_video(tmp_path, extra):
     clip = write_clip(tmp_path / "in.mp4", frames, fps=16)
     argv = ["generate", "--input", str(clip), "--prompt", "a red fox", "--seconds", "10", "--height", "32"]
     argv += ["--width", "32", *extra]
+    written = written_frames(monkeypatch)
     assert cli.main([*argv, "--out", str(tmp_path / "plain.mp4")]) == 0
+    plain = np.concatenate(written)
+    written.clear()
     assert cli.main([*argv, "--out", str(tmp_path / "ahead.mp4"), "--decode-ahead"]) == 0
-    plain, ahead = read_video(tmp_path / "plain.mp4"), read_video(tmp_path / "ahead.mp4")
-    assert ahead.shape == (21, 32, 32, 3)
-    np.testing.assert_array_equal(ahead, plain)
+    assert plain.shape == (21, 32, 32, 3)
+    np.testing.assert_array_equal(np.concatenate(written), plain)
