@@ -60,14 +60,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="torch.compile the transformer blocks and the Wan VAE (GPU: 1.3x DiT FPS for text-to-video, 1.5x "
-        "faster VAE decode on an H200; the first chunks of each shape take a minute or more to compile)",
+        "faster VAE decode on an H200; the first chunks of each shape compile first, which takes a while)",
     )
 
 
 def load_pipeline(args: argparse.Namespace):
     pipe = _load_pipeline(args)
     if getattr(args, "compile", False):
-        print("--compile: the first chunks compile the model (a minute or more); later ones run compiled.")
+        print("--compile: the first chunks compile the model (slow); later ones run compiled.")
         pipe.compile()
     return pipe
 
