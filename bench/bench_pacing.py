@@ -41,6 +41,7 @@ def main() -> None:
         help="a model folder, or random-1.3b / random-14b (bench_stream's shapes at 480x832) / random-tiny (a check)",
     )
     parser.add_argument("--compile", action="store_true", help="StreamPipeline.compile + warm_up before pacing")
+    parser.add_argument("--cuda-graphs", action="store_true", help="StreamPipeline.enable_cuda_graphs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--fps", type=float, default=16.0)
@@ -62,6 +63,8 @@ def main() -> None:
         args.prompt = "a fox running in snow"  # the random model's vocabulary
     else:
         pipe = StreamPipeline.from_pretrained(args.model, device=args.device)
+    if args.cuda_graphs:
+        pipe.enable_cuda_graphs()
     if args.compile:
         pipe.compile()
         print(f"compiled and warmed up in {pipe.warm_up(modes=('t2v',)):.0f} s", flush=True)
@@ -95,6 +98,7 @@ def main() -> None:
         "model": args.model,
         "buffer_s": args.buffer,
         "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
         "torch": torch.__version__,
         "stats": dataclasses.asdict(stats),
     }
@@ -102,7 +106,7 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if args.device.startswith("cuda") else "cpu"
-    stem = f"pacing_{tag}_buffer{args.buffer:g}s_{meta['date']}"
+    stem = f"pacing_{tag}_buffer{args.buffer:g}s{'_graphs' if args.cuda_graphs else ''}_{meta['date']}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "row": row}, indent=2) + "\n")
     lines = [
         f"# Paced output ({meta['device']}, {args.threads} threads, {args.model}, {meta['date']})",

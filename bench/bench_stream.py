@@ -138,7 +138,7 @@ def run_config(pipe, name, cfg, args, device, profiles: dict) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    dit, encode, decode, e2e, out_frames = [], [], [], [], []
+    dit, encode, decode, out_frames = [], [], [], []
     s.profile = True  # per-phase times, with device syncs around each phase
     for _ in range(args.chunks):
         s.next_chunk()
@@ -146,16 +146,21 @@ def run_config(pipe, name, cfg, args, device, profiles: dict) -> dict:
         decode.append(s.timings["decode_s"])
         encode.append(s.timings.get("encode_s", 0.0))
     s.profile = False
-    ahead = None
-    if args.decode_ahead:  # v2v: an endless input (the session still holds what open_session pushed)
+
+    def time_chunks(next_chunk) -> list[float]:
+        took = []
+        for _ in range(args.chunks):
+            t0 = time.perf_counter()
+            out = next_chunk()  # ends with a copy to the host, so it is synchronised
+            took.append(time.perf_counter() - t0)
+            out_frames.append(len(out))
+        return took
+
+    e2e = time_chunks(s.next_chunk)
+    e2e_ahead = None
+    if args.decode_ahead:  # then the same stream through DecodeAhead (v2v: an endless input)
         ahead = DecodeAhead(s) if mode == "t2v" else DecodeAhead(s, frames=itertools.cycle(frames_in))
-    next_chunk = s.next_chunk if ahead is None else ahead.next_chunk
-    for _ in range(args.chunks):
-        t0 = time.perf_counter()
-        out = next_chunk()  # ends with a copy to the host, so it is synchronised
-        e2e.append(time.perf_counter() - t0)
-        out_frames.append(len(out))
-    if ahead is not None:
+        e2e_ahead = time_chunks(ahead.next_chunk)
         ahead.close()
     if args.profile:
         profiles[name] = profile_chunk(s, device)
@@ -171,7 +176,10 @@ def run_config(pipe, name, cfg, args, device, profiles: dict) -> dict:
         "e2e_chunk_s_median": statistics.median(e2e),
         "e2e_chunk_s_p99": float(np.percentile(e2e, 99)),
         "e2e_fps": frames_per_chunk / statistics.median(e2e),
+        "e2e_ahead_fps": None if e2e_ahead is None else frames_per_chunk / statistics.median(e2e_ahead),
+        "e2e_ahead_chunk_s_p99": None if e2e_ahead is None else float(np.percentile(e2e_ahead, 99)),
         "ttff_s": ttff,
+        "graph_replays": None if s.graphs is None else s.graphs.replays,
         "frames_per_chunk": frames_per_chunk,
         "dit_tflops": flops / statistics.median(dit) / 1e12,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -209,6 +217,14 @@ def main() -> None:
         help="end to end through DecodeAhead: the next chunk's encode and denoising overlap this chunk's decode",
     )
     ap.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="StreamPipeline.enable_cuda_graphs: steady-state passes replay as CUDA graphs",
+    )
+    ap.add_argument(
+        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark: cuDNN times its conv kernels"
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="also profile one steady-state chunk: the top CUDA kernels to --out"
     )
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, measures nothing real")
@@ -224,6 +240,9 @@ def main() -> None:
         pipe.compile()
     elif args.compile == "blocks":
         pipe.net.compile_blocks()
+    if args.cuda_graphs:
+        pipe.enable_cuda_graphs()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     base = {"attention_backend": args.attention, "early_first_frame": args.early_first_frame}
     configs = {
         "t2v": text_to_video_config(**base, stream_batch=args.stream_batch),
@@ -253,6 +272,8 @@ def main() -> None:
         "compile": args.compile,
         "decode_ahead": args.decode_ahead,
         "early_first_frame": args.early_first_frame,
+        "cuda_graphs": args.cuda_graphs,
+        "cudnn_benchmark": args.cudnn_benchmark,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +281,7 @@ def main() -> None:
     batch = "_streambatch" if args.stream_batch else ""
     compiled = {None: "", "all": "_compiled", "blocks": "_compiledblocks"}[args.compile]
     ahead = ("_decodeahead" if args.decode_ahead else "") + ("_early" if args.early_first_frame else "")
+    ahead += ("_graphs" if args.cuda_graphs else "") + ("_cudnnbench" if args.cudnn_benchmark else "")
     stem = f"stream_{meta['model']}_{args.attention}{decoder}{batch}{compiled}{ahead}_{meta['date']}"
     for name, table in profiles.items():
         (out / f"profile_{stem}_{name}.txt").write_text(table + "\n")
@@ -268,6 +290,7 @@ def main() -> None:
         "config",
         "dit_fps",
         "e2e_fps",
+        "e2e_ahead_fps",
         "ttff_s",
         "e2e_chunk_s_p99",
         "vae_encode_chunk_s_median",

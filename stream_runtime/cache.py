@@ -185,8 +185,14 @@ class RollingKVCache:
         end = start + n
         self.k[layer][:, start:end] = k
         self.v[layer][:, start:end] = v
-        self._pending = n // ft
+        self.note_stored(n // ft)
         return self.k[layer][:, :end], self.v[layer][:, :end]
+
+    def note_stored(self, frames: int) -> None:
+        """Record that a chunk of ``frames`` frames now sits in the scratch region, written without
+        :meth:`store_current` (a CUDA graph replaying it writes the device buffers but runs no host code), so that
+        :meth:`commit` accepts it."""
+        self._pending = frames
 
     def commit(self, first_frame: int, num_frames: int, latents: torch.Tensor | None = None) -> None:
         """Keep the chunk whose K/V were last stored (stream frames ``first_frame .. first_frame+num_frames-1``).

@@ -89,6 +89,7 @@ def test_generate_from_an_input_video_restyles_it_to_its_end(tmp_path, capsys, e
         (["--model", "/nonexistent/folder"], "path must be a model folder"),
         (["--switch", "soon:a cat"], "--switch must look like SECONDS:PROMPT"),
         (["--out", "/nonexistent/dir/clip.mp4"], "folder of path does not exist"),
+        (["--tiny-random", "--device", "cpu", "--cuda-graphs"], "CUDA graphs need the pipeline on a CUDA device"),
     ],
 )
 def test_generate_bad_arguments_exit_2(argv, message, tmp_path, capsys):

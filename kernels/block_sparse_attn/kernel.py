@@ -71,12 +71,13 @@ def _attend_key_tiles(
     USE_TMA: tl.constexpr,
     DENSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_start, tile_stop) of one table row."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    for t in range(tile_start, tile_stop):
+    for t in tl.range(tile_start, tile_stop, warp_specialize=WARP_SPECIALIZE):
         # Tile t is sub-tile (t % SUB_N) of the (t // SUB_N)-th listed table block.
         if DENSE:
             kb = t // SUB_N  # every block, in order: no index load for the key loads to wait on
@@ -88,17 +89,19 @@ def _attend_key_tiles(
         row = kb * TABLE_N + (t % SUB_N) * BLOCK_N
         mask_n = offs_kn < k_len
         k = _load_tile(k_ptrs, k_desc, row, mask_n, mask_d, MASK_N, EVEN_D, USE_TMA)
-        # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N], in log2 units (qk_scale folds in log2(e))
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N]; scores in log2 units (qk_scale folds in log2 e)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASK_N:
-            qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASK_N:
+            qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row that has seen only masked keys keeps m = -inf; shifting it by 0 keeps every weight 0, not NaN.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_shift[:, None])
         else:
-            m_shift = m_new  # an unmasked tile gives every row a finite maximum
-        p = tl.math.exp2(qk - m_shift[:, None])
+            # An unmasked tile gives every row a finite maximum; scale and shift fuse into one multiply-add.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_shift = m_new
+            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_ptrs, v_desc, row, mask_n, mask_d, MASK_N, EVEN_D, USE_TMA)
@@ -153,6 +156,7 @@ def _block_sparse_attn_fwd_kernel(
     USE_TMA: tl.constexpr,
     DENSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -205,13 +209,13 @@ def _block_sparse_attn_fwd_kernel(
             n_full = count - ((count > 0) & (last == n_k_blocks - 1)).to(tl.int32)
     acc, m_i, l_i = _attend_key_tiles(
         acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, 0, n_full * SUB_N, k_len, stride_kn, stride_vn,
-        qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, USE_TMA, DENSE, DOT_PRECISION,
+        qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, USE_TMA, DENSE, DOT_PRECISION, WARP_SPECIALIZE,
     )  # fmt: skip
     if not EVEN_N:
         acc, m_i, l_i = _attend_key_tiles(
             acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, n_full * SUB_N, count * SUB_N, k_len,
             stride_kn, stride_vn, qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, EVEN_D, USE_TMA, DENSE,
-            DOT_PRECISION,
+            DOT_PRECISION, WARP_SPECIALIZE,
         )  # fmt: skip
 
     # Empty rows (no listed block) have l = 0: out = 0 and lse = -inf by convention.
@@ -303,6 +307,7 @@ def block_sparse_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     tma: bool = False,
+    warp_specialize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the key blocks ``table`` lists, one pass, no score matrix in memory.
 
@@ -318,6 +323,8 @@ def block_sparse_attention(
         num_warps, num_stages: Triton launch settings (defaults suit an H100; ignored by the interpreter).
         tma: load key/value tiles through tensor descriptors (Hopper's TMA copy engine) where the layout allows it
             (power-of-two head dim, 16-byte aligned rows); plain pointer loads otherwise.
+        warp_specialize: let Triton split the key loop into producer (load) and consumer (math) warps
+            (``tl.range(..., warp_specialize=True)``); off by default until a GPU measurement shows it pays.
 
     Returns:
         ``out [B, Lq, H, D]`` in ``q``'s dtype and ``lse [B, H, Lq]`` fp32 (natural log of the softmax
@@ -378,6 +385,7 @@ def block_sparse_attention(
         DENSE=table.dense,
         # Triton's fp32 dot defaults to tf32; fp32 inputs exist for exactness (references, tiny models).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        WARP_SPECIALIZE=warp_specialize and q.is_cuda,
         num_warps=default_warps if num_warps is None else num_warps,
         num_stages=default_stages if num_stages is None else num_stages,
     )  # fmt: skip

@@ -82,6 +82,8 @@ class StreamPipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.cuda_graphs = False
+        """Sessions opened from now on replay their steady-state passes as CUDA graphs (:meth:`enable_cuda_graphs`)."""
         self.taehv: TAEHV | None = None
         """TAEHV decoder of new sessions (:meth:`set_decoder`); None: the full VAE decodes."""
         self.defaults = dict(defaults or {})
@@ -155,6 +157,25 @@ class StreamPipeline:
                 module.compile(backend=backend, mode=mode, dynamic=False)
             else:
                 module._compiled_call_impl = None  # nn.Module.compile's hook: back to the plain forward
+
+    def enable_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replay each session's steady-state chunk passes (cache full) as CUDA graphs, from the next session on.
+
+        A pass is then one graph launch instead of some thousands of kernel launches, which is what limits small
+        chunks (video-to-video). Each session captures its own graph (it binds the session's cache buffers) at its
+        first steady-state chunk, which costs about one extra pass then, and holds the graph's activation memory
+        until it closes. The output equals the eager pass's. Works with and without :meth:`compile`; see
+        :mod:`~stream_runtime.pipelines.wan.graphs` for which passes replay.
+
+        Example::
+
+            pipe.compile()
+            pipe.enable_cuda_graphs()
+            pipe.warm_up()
+        """
+        if enabled and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, it is on {self.device}")
+        self.cuda_graphs = enabled
 
     @torch.no_grad()
     def warm_up(

@@ -27,6 +27,7 @@ from stream_runtime.config import StreamConfig
 from stream_runtime.reuse import CrossStepReuse
 
 from . import sampling
+from .graphs import ChunkGraphs
 from .stream_batch import StreamBatchRunner, passes_of
 from .vae_stream import StreamingVAEEncoder
 
@@ -115,6 +116,12 @@ class StreamSession:
         """Set True to record per-phase wall times in :attr:`timings` (synchronises the device: benchmarks only)."""
         self.timings: dict[str, float] = {}
         self._stream_batch = StreamBatchRunner(self) if config.stream_batch else None
+        self.graphs: ChunkGraphs | None = None
+        """CUDA graphs of the steady-state passes (:meth:`StreamPipeline.enable_cuda_graphs`), else None."""
+        if pipe.cuda_graphs:
+            if device.type != "cuda":
+                raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, it is on {device}")
+            self.graphs = ChunkGraphs(self.net, self.cache)
 
     # -- context manager and iteration
 
@@ -137,6 +144,8 @@ class StreamSession:
         """Release the cache and VAE state (the pipeline's weights stay loaded)."""
         self.closed = True
         self.cache = None
+        if self.graphs is not None:
+            self.graphs.clear()
         self._rest_of_first = None
         self.decoder.reset()
         if self.encoder is not None:
@@ -332,6 +341,11 @@ class StreamSession:
         if self._reuse is not None:
             self._reuse.begin_step(step)
             extra["reuse"] = self._reuse
+        elif self.graphs is not None:
+            config = self.config
+            flow = self.graphs.forward(x, t, self._text, first_frame, config.position_mode, config.attention_backend)
+            if flow is not None:
+                return flow
         return self.net.forward_chunk(
             x,
             t,

@@ -246,14 +246,45 @@ class StreamingWanTransformer(nn.Module):
                 raise ValueError(
                     f"cache was built for {cache.layout.frame_tokens} tokens per frame, latents give {tokens_per_frame}"
                 )
-        temb, mod = self._time(timestep, b, frames)
-        h = self._embed(x)
+        ropes = self.stream_ropes(caches, first_frames, frames // self.patch_size[0], grid, position_mode)
+        return self.forward_prepared(x, timestep, texts, caches, ropes, backend, **attn_kwargs)
+
+    def stream_ropes(
+        self,
+        caches: list[RollingKVCache],
+        first_frames: list[int],
+        frames: int,
+        grid: tuple[int, int],
+        position_mode: str = "absolute",
+    ) -> list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]]:
+        """RoPE tables of each stream's chunk: ``((q_cos, q_sin), k_rope)`` per stream, where ``k_rope`` covers the
+        kept frames plus the chunk in bounded mode (cached keys are stored unrotated) and is None otherwise."""
         ropes = []
         for cache, first_frame in zip(caches, first_frames, strict=True):
-            q_pos = cache.chunk_positions(first_frame, frames // self.patch_size[0], position_mode)
+            q_pos = cache.chunk_positions(first_frame, frames, position_mode)
             # Bounded mode stores cached keys unrotated: their positions change as the window slides.
             k_rope = self._rope(cache.slot_positions("bounded") + q_pos, grid) if position_mode == "bounded" else None
             ropes.append((self._rope(q_pos, grid), k_rope))
+        return ropes
+
+    def forward_prepared(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        texts: list[TextKV],
+        caches: list[RollingKVCache],
+        ropes: list,
+        backend: str = "sdpa",
+        **attn_kwargs,
+    ) -> torch.Tensor:
+        """:meth:`forward_streams` with the RoPE tables given (:meth:`stream_ropes`) and no input checks: with a
+        timestep tensor, every input is a device tensor, which is what a CUDA graph of the pass replays
+        (:mod:`~stream_runtime.pipelines.wan.graphs`)."""
+        b, _, frames, lh, lw = x.shape
+        rows = [b] if len(caches) == 1 else [cache.batch for cache in caches]
+        grid = self.grid(lh, lw)
+        temb, mod = self._time(timestep, b, frames)
+        h = self._embed(x)
         text = (
             texts[0]
             if len(texts) == 1
