@@ -50,14 +50,7 @@ POINTER_CONFIGS = [
     (64, 64, 4, 3),
 ]
 TMA_CONFIGS = [(128, 128, 8, 3, "tma"), (128, 128, 8, 4, "tma"), (128, 64, 4, 3, "tma"), (128, 64, 8, 3, "tma")]
-# "ws": the key loop warp-specialized (tl.range(..., warp_specialize=True)); "tma+ws": both.
-WS_CONFIGS = [(128, 128, 8, 3, "ws"), (128, 128, 8, 2, "ws"), (128, 128, 8, 3, "tma+ws"), (128, 64, 8, 3, "ws")]
-CONFIG_SETS = {
-    "all": POINTER_CONFIGS + TMA_CONFIGS + WS_CONFIGS,
-    "pointer": POINTER_CONFIGS,
-    "tma": [None, *TMA_CONFIGS],
-    "ws": [None, *WS_CONFIGS],
-}
+CONFIG_SETS = {"all": POINTER_CONFIGS + TMA_CONFIGS, "pointer": POINTER_CONFIGS, "tma": [None, *TMA_CONFIGS]}
 MAX_REL_ERR = 2e-2  # bf16 operands against an fp32 reference: expect a few 1e-3
 
 
@@ -144,8 +137,7 @@ def run_model(name: str, heads: int, table_dense, table_radial, configs: list) -
                 else dict(zip(("block_m", "block_n", "num_warps", "num_stages"), config[:4], strict=True))
             )
             if config is not None and len(config) > 4:
-                kwargs["tma"] = "tma" in config[4].split("+")
-                kwargs["warp_specialize"] = "ws" in config[4].split("+")
+                kwargs["tma"] = config[4] == "tma"
             fn = lambda table=table, kwargs=kwargs: block_sparse_attention(q, k, v, table, **kwargs)[0]
             record(label, fn, ref, table.density(), config or "default")
     return rows

@@ -135,6 +135,12 @@ def run_config(pipe, name, cfg, args, device, profiles: dict) -> dict:
     assert first is not None
     if s._rest_of_first is not None:  # early_first_frame: hand out the rest of the first chunk before timing chunks
         s.next_chunk()
+    # Time the steady state, which a stream keeps for ever: the cache full, and with CUDA graphs the graph
+    # captured (its first full pass runs eagerly, the second is captured).
+    fill_chunks = 0
+    while s.cache.valid_frames < s.cache.layout.cache_frames or (s.graphs is not None and not s.graphs.captures):
+        s.next_chunk()
+        fill_chunks += 1
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -180,6 +186,8 @@ def run_config(pipe, name, cfg, args, device, profiles: dict) -> dict:
         "e2e_ahead_chunk_s_p99": None if e2e_ahead is None else float(np.percentile(e2e_ahead, 99)),
         "ttff_s": ttff,
         "graph_replays": None if s.graphs is None else s.graphs.replays,
+        "fill_chunks": fill_chunks,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "frames_per_chunk": frames_per_chunk,
         "dit_tflops": flops / statistics.median(dit) / 1e12,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -222,7 +230,15 @@ def main() -> None:
         help="StreamPipeline.enable_cuda_graphs: steady-state passes replay as CUDA graphs",
     )
     ap.add_argument(
-        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark: cuDNN times its conv kernels"
+        "--cudnn-benchmark",
+        choices=["off", "on", "both"],
+        default="off",
+        help="torch.backends.cudnn.benchmark (cuDNN times its conv kernels); both: each config without, then with",
+    )
+    ap.add_argument(
+        "--vae-channels-last",
+        action="store_true",
+        help="the VAE's conv weights in channels-last order (before --compile), so cuDNN needs no layout transposes",
     )
     ap.add_argument(
         "--profile", action="store_true", help="also profile one steady-state chunk: the top CUDA kernels to --out"
@@ -236,13 +252,16 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     pipe = build(args, device, dtype)
+    if args.vae_channels_last:
+        from bench_latent_decoder import channels_last
+
+        channels_last(pipe.vae)
     if args.compile == "all":
         pipe.compile()
     elif args.compile == "blocks":
         pipe.net.compile_blocks()
     if args.cuda_graphs:
         pipe.enable_cuda_graphs()
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     base = {"attention_backend": args.attention, "early_first_frame": args.early_first_frame}
     configs = {
         "t2v": text_to_video_config(**base, stream_batch=args.stream_batch),
@@ -252,12 +271,17 @@ def main() -> None:
         ap.error("--stream-batch is text-to-video only: add --configs t2v")
     matmul = matmul_tflops(device, dtype, 256 if args.tiny else 8192)
     rows, profiles = [], {}
+    benchmark_modes = {"off": [False], "on": [True], "both": [False, True]}[args.cudnn_benchmark]
     for name in args.configs.split(","):
-        row = run_config(pipe, name, configs[name], args, device, profiles)
-        row["matmul_tflops"] = matmul
-        row["dit_fraction_of_matmul_roof"] = row["dit_tflops"] / matmul
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for benchmark in benchmark_modes:
+            torch.backends.cudnn.benchmark = benchmark
+            row = run_config(pipe, name, configs[name], args, device, profiles)
+            if len(benchmark_modes) > 1:
+                row["config"] = name + ("+cudnnbench" if benchmark else "")
+            row["matmul_tflops"] = matmul
+            row["dit_fraction_of_matmul_roof"] = row["dit_tflops"] / matmul
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
     meta = {
         "date": datetime.date.today().isoformat(),
@@ -274,6 +298,7 @@ def main() -> None:
         "early_first_frame": args.early_first_frame,
         "cuda_graphs": args.cuda_graphs,
         "cudnn_benchmark": args.cudnn_benchmark,
+        "vae_channels_last": args.vae_channels_last,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +306,10 @@ def main() -> None:
     batch = "_streambatch" if args.stream_batch else ""
     compiled = {None: "", "all": "_compiled", "blocks": "_compiledblocks"}[args.compile]
     ahead = ("_decodeahead" if args.decode_ahead else "") + ("_early" if args.early_first_frame else "")
-    ahead += ("_graphs" if args.cuda_graphs else "") + ("_cudnnbench" if args.cudnn_benchmark else "")
+    ahead += ("_graphs" if args.cuda_graphs else "") + {"off": "", "on": "_cudnnbench", "both": "_cudnnboth"}[
+        args.cudnn_benchmark
+    ]
+    ahead += "_vaecl" if args.vae_channels_last else ""
     stem = f"stream_{meta['model']}_{args.attention}{decoder}{batch}{compiled}{ahead}_{meta['date']}"
     for name, table in profiles.items():
         (out / f"profile_{stem}_{name}.txt").write_text(table + "\n")

@@ -15,9 +15,9 @@
 #   14b        bench_stream.py 14B t2v + v2v (sdpa, compiled blocks, fewer chunks)
 #   ahead      bench_stream.py 1.3B t2v + v2v compiled, --decode-ahead (decode beside the next chunk), --early-first-frame
 #   graphs     bench_stream.py 1.3B t2v + v2v compiled + CUDA graphs, plain and --decode-ahead, --early-first-frame
-#   graphs_cudnn  the same with torch.backends.cudnn.benchmark (cuDNN times its VAE conv kernels)
+#   graphs_cudnn  compiled + CUDA graphs, each config without and with torch.backends.cudnn.benchmark (VAE convs)
+#   graphs_cl  the same with the VAE's conv weights channels-last (bench_stream --vae-channels-last)
 #   gputest    only the GPU-marked tests (test_gpu.py, the kernels' bf16 test)
-#   attention_ws  bench_attention.py with the warp-specialized kernel configs
 #   pacing     bench_pacing.py: 1.3B t2v (compiled) played at 16 fps through stream_runtime.pacing.Paced, jitter
 #   pacing_graphs  the same with CUDA graphs
 #   peer       the peer (StreamDiffusionV2 from PyPI) in the same session, for ratios
@@ -61,12 +61,13 @@ for part in $parts; do
            --decode-ahead --early-first-frame --out "$out" 2>&1 | tail -3 ;;
   gputest) timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_kernels_block_sparse.py \
              2>&1 | tail -15 ;;
-  attention_ws) timeout 150 python3 bench/bench_attention.py --configs ws --out "$out" 2>&1 | tail -12 ;;
   graphs) TORCH_LOGS=recompiles timeout 400 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 6 \
             --compile --cuda-graphs --decode-ahead --early-first-frame --profile --out "$out" > "$out/graphs.log" 2>&1
           grep -c Recompiling "$out/graphs.log"; tail -4 "$out/graphs.log" ;;
-  graphs_cudnn) timeout 300 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 6 --compile \
-                  --cuda-graphs --decode-ahead --early-first-frame --cudnn-benchmark --out "$out" 2>&1 | tail -4 ;;
+  graphs_cudnn) timeout 300 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 4 --compile \
+                  --cuda-graphs --early-first-frame --cudnn-benchmark both --out "$out" 2>&1 | tail -7 ;;
+  graphs_cl) timeout 300 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 4 --compile \
+               --cuda-graphs --early-first-frame --cudnn-benchmark both --vae-channels-last --out "$out" 2>&1 | tail -7 ;;
   pacing_graphs) timeout 300 python3 bench/bench_pacing.py --model random-1.3b --device cuda --compile --cuda-graphs \
                    --seconds 20 --out "$out" 2>&1 | tail -4 ;;
   pacing) timeout 300 python3 bench/bench_pacing.py --model random-1.3b --device cuda --compile --seconds 20 \

@@ -71,13 +71,12 @@ def _attend_key_tiles(
     USE_TMA: tl.constexpr,
     DENSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_start, tile_stop) of one table row."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    for t in tl.range(tile_start, tile_stop, warp_specialize=WARP_SPECIALIZE):
+    for t in range(tile_start, tile_stop):
         # Tile t is sub-tile (t % SUB_N) of the (t // SUB_N)-th listed table block.
         if DENSE:
             kb = t // SUB_N  # every block, in order: no index load for the key loads to wait on
@@ -156,7 +155,6 @@ def _block_sparse_attn_fwd_kernel(
     USE_TMA: tl.constexpr,
     DENSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -209,13 +207,13 @@ def _block_sparse_attn_fwd_kernel(
             n_full = count - ((count > 0) & (last == n_k_blocks - 1)).to(tl.int32)
     acc, m_i, l_i = _attend_key_tiles(
         acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, 0, n_full * SUB_N, k_len, stride_kn, stride_vn,
-        qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, USE_TMA, DENSE, DOT_PRECISION, WARP_SPECIALIZE,
+        qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, USE_TMA, DENSE, DOT_PRECISION,
     )  # fmt: skip
     if not EVEN_N:
         acc, m_i, l_i = _attend_key_tiles(
             acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, n_full * SUB_N, count * SUB_N, k_len,
             stride_kn, stride_vn, qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, EVEN_D, USE_TMA, DENSE,
-            DOT_PRECISION, WARP_SPECIALIZE,
+            DOT_PRECISION,
         )  # fmt: skip
 
     # Empty rows (no listed block) have l = 0: out = 0 and lse = -inf by convention.
@@ -307,7 +305,6 @@ def block_sparse_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     tma: bool = False,
-    warp_specialize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the key blocks ``table`` lists, one pass, no score matrix in memory.
 
@@ -323,8 +320,6 @@ def block_sparse_attention(
         num_warps, num_stages: Triton launch settings (defaults suit an H100; ignored by the interpreter).
         tma: load key/value tiles through tensor descriptors (Hopper's TMA copy engine) where the layout allows it
             (power-of-two head dim, 16-byte aligned rows); plain pointer loads otherwise.
-        warp_specialize: let Triton split the key loop into producer (load) and consumer (math) warps
-            (``tl.range(..., warp_specialize=True)``); off by default until a GPU measurement shows it pays.
 
     Returns:
         ``out [B, Lq, H, D]`` in ``q``'s dtype and ``lse [B, H, Lq]`` fp32 (natural log of the softmax
@@ -385,7 +380,6 @@ def block_sparse_attention(
         DENSE=table.dense,
         # Triton's fp32 dot defaults to tf32; fp32 inputs exist for exactness (references, tiny models).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        WARP_SPECIALIZE=warp_specialize and q.is_cuda,
         num_warps=default_warps if num_warps is None else num_warps,
         num_stages=default_stages if num_stages is None else num_stages,
     )  # fmt: skip
