@@ -23,7 +23,7 @@ from diffusers import AutoencoderKLWan
 from results_table import write_markdown
 
 from stream_runtime.pipelines.wan.taehv import TAEHV, StreamingTAEHVDecoder, TAEHVConfig
-from stream_runtime.pipelines.wan.vae_stream import StreamingVAEDecoder
+from stream_runtime.pipelines.wan.vae_stream import StreamingVAEDecoder, conv_weights_channels_last
 
 MS_PER_S = 1000.0
 
@@ -34,13 +34,8 @@ def sync(device: torch.device) -> None:
 
 
 def channels_last(module: torch.nn.Module) -> None:
-    """Conv weights in channels-last order (5-D: channels_last_3d, 4-D: channels_last), so cuDNN needs no
-    NCHW <-> NHWC transposes around each convolution."""
-    for param in module.parameters():
-        if param.dim() == 5:
-            param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
-        elif param.dim() == 4:
-            param.data = param.data.contiguous(memory_format=torch.channels_last)
+    """Conv weights in channels-last order (:func:`conv_weights_channels_last`)."""
+    conv_weights_channels_last(module)
 
 
 def make_decoder(name: str, device: torch.device, dtype: torch.dtype):

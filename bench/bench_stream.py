@@ -40,7 +40,7 @@ from stream_runtime.pipelines.wan.decode_ahead import DecodeAhead
 from stream_runtime.pipelines.wan.pipeline import StreamPipeline
 from stream_runtime.pipelines.wan.taehv import TAEHV, TAEHVConfig
 from stream_runtime.pipelines.wan.text import build_word_tokenizer
-from stream_runtime.pipelines.wan.vae_stream import tiny_vae_config
+from stream_runtime.pipelines.wan.vae_stream import conv_weights_channels_last, tiny_vae_config
 
 
 def sync(device: torch.device) -> None:
@@ -238,7 +238,8 @@ def main() -> None:
     ap.add_argument(
         "--vae-channels-last",
         action="store_true",
-        help="the VAE's conv weights in channels-last order (before --compile), so cuDNN needs no layout transposes",
+        help="the VAE's conv weights in channels-last order, so cuDNN needs no layout transposes (--compile does it "
+        "on CUDA)",
     )
     ap.add_argument(
         "--profile", action="store_true", help="also profile one steady-state chunk: the top CUDA kernels to --out"
@@ -253,9 +254,7 @@ def main() -> None:
     torch.manual_seed(0)
     pipe = build(args, device, dtype)
     if args.vae_channels_last:
-        from bench_latent_decoder import channels_last
-
-        channels_last(pipe.vae)
+        conv_weights_channels_last(pipe.vae)
     if args.compile == "all":
         pipe.compile()
     elif args.compile == "blocks":

@@ -8,6 +8,7 @@ from diffusers import AutoencoderKLWan
 from stream_runtime.pipelines.wan.vae_stream import (
     StreamingVAEDecoder,
     StreamingVAEEncoder,
+    conv_weights_channels_last,
     denormalize_latents,
     frames_per_latent,
     normalize_latents,
@@ -56,6 +57,23 @@ def test_streamed_decode_equals_full_decode(vae, sizes):
     assert actual.shape == expected.shape
     assert_close(actual, expected)
     assert actual.abs().max() <= 1.0
+
+
+@torch.no_grad()
+def test_channels_last_conv_weights_decode_and_encode_the_same(vae):
+    """conv_weights_channels_last changes only the weights' memory order (what StreamPipeline.compile does on CUDA):
+    streamed decode and encode give the same values, and enabled=False restores the default order."""
+    import copy
+
+    moved = copy.deepcopy(vae)
+    conv_weights_channels_last(moved)
+    convs = [p for p in moved.parameters() if p.dim() == 5]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs)
+    latents, video = _latents(vae), _video(vae, 9)
+    assert_close(StreamingVAEDecoder(moved).decode(latents), StreamingVAEDecoder(vae).decode(latents))
+    assert_close(StreamingVAEEncoder(moved).encode(video), StreamingVAEEncoder(vae).encode(video))
+    conv_weights_channels_last(moved, enabled=False)
+    assert all(p.is_contiguous() for p in moved.parameters())
 
 
 def test_decode_frame_counts(vae):

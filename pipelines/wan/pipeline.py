@@ -30,7 +30,7 @@ from . import presets
 from .taehv import TAEHV, StreamingTAEHVDecoder, load_taehv
 from .text import PromptEncoder, build_word_tokenizer
 from .transformer import StreamingWanTransformer
-from .vae_stream import StreamingVAEDecoder, tiny_vae_config
+from .vae_stream import StreamingVAEDecoder, conv_weights_channels_last, tiny_vae_config
 
 RUNTIME_FILE = "stream_runtime.json"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
@@ -143,8 +143,10 @@ class StreamPipeline:
     def compile(self, enabled: bool = True, backend="inductor", mode: str | None = None) -> None:
         """``torch.compile`` the streaming hot path: the transformer blocks' halves around self-attention and RoPE
         (:meth:`StreamingWanTransformer.compile_blocks`) and the Wan VAE's encoder and decoder (each latent frame is
-        one pass; the causal-conv cache gives three static variants: first, second and later frames).
-        ``enabled=False`` restores eager. The first chunks of each new shape pay the compile time.
+        one pass; the causal-conv cache gives three static variants: first, second and later frames). On CUDA the
+        VAE's conv weights also go channels-last (:func:`conv_weights_channels_last`: no layout transposes around
+        cuDNN's convolutions). ``enabled=False`` restores eager. The first chunks of each new shape pay the compile
+        time.
 
         Example::
 
@@ -152,6 +154,8 @@ class StreamPipeline:
             pipe.compile()  # then warm it up with one short session before serving
         """
         self.net.compile_blocks(enabled, backend=backend, mode=mode)
+        if self.device.type == "cuda":
+            conv_weights_channels_last(self.vae, enabled)
         for module in (self.vae.decoder, self.vae.encoder):
             if enabled:
                 module.compile(backend=backend, mode=mode, dynamic=False)

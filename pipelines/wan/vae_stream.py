@@ -93,6 +93,19 @@ def _latent_stats(z: torch.Tensor, vae: AutoencoderKLWan, name: str) -> tuple[to
 _STATS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def conv_weights_channels_last(module: nn.Module, enabled: bool = True) -> None:
+    """Store ``module``'s conv weights channels-last (5-D: ``channels_last_3d``, 4-D: ``channels_last``), or back
+    in the default order with ``enabled=False``. cuDNN runs its convolutions in NHWC order; with NCHW weights it
+    transposes around every convolution. Values are unchanged; only the memory order is.
+
+    On an H200 (bench_stream, 1.3B shape, 480x832, compiled) this cut the Wan VAE's decode of a 3-latent-frame chunk
+    from 175 to 148 ms and its video-to-video encode from 36 to 32 ms."""
+    for param in module.parameters():
+        if param.dim() in (4, 5):
+            fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[param.dim()] if enabled else None
+            param.data = param.data.contiguous(memory_format=fmt or torch.contiguous_format)
+
+
 def normalize_latents(z: torch.Tensor, vae: AutoencoderKLWan) -> torch.Tensor:
     """VAE latents -> the normalised space the DiT works in: ``(z - latents_mean) / latents_std``.
 
