@@ -20,7 +20,7 @@
 #   gputest    only the GPU-marked tests (test_gpu.py, the kernels' bf16 test)
 #   pacing     bench_pacing.py: 1.3B t2v (compiled) played at 16 fps through stream_runtime.pacing.Paced, jitter
 #   pacing_graphs  the same with CUDA graphs
-#   peer       the peer (StreamDiffusionV2 from PyPI) in the same session, for ratios
+#   peer       the peer (StreamDiffusionV2 from PyPI) in the same session, for ratios, and its peak memory
 set -u
 out=${1:-bench/results}
 shift || true
@@ -72,7 +72,8 @@ for part in $parts; do
                    --seconds 20 --out "$out" 2>&1 | tail -4 ;;
   pacing) timeout 300 python3 bench/bench_pacing.py --model random-1.3b --device cuda --compile --seconds 20 \
             --out "$out" 2>&1 | tail -4 ;;
-  peer) [ -f .whl/peer_sdv2.py ] && timeout 200 python3 .whl/peer_sdv2.py --out "$out/peer_sdv2.jsonl" 2>&1 | tail -12 ;;
+  peer) [ -f .whl/peer_sdv2.py ] && timeout 200 python3 bench/peer_memory.py .whl/peer_sdv2.py --out "$out/peer_sdv2.jsonl" \
+          2>&1 | tail -12 ;;
   *) echo "unknown part: $part" >&2 ;;
   esac
   # SNAPSHOT=file.tgz: keep a tarball of the results so far (what comes back if the session is cut short)

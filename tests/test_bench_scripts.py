@@ -41,3 +41,24 @@ def test_bench_latent_decoder_variants(tmp_path):
     run(tmp_path, "bench/bench_latent_decoder.py", *args, "--repeats", "1")
     (result,) = tmp_path.glob("latent_decoder_*.json")
     assert [r["decoder"] for r in json.loads(result.read_text())["rows"]] == ["vae_channels_last"]
+
+
+def test_peer_memory_runs_a_script_and_appends_its_peak(tmp_path):
+    """The wrapper runs the peer script with its arguments (here a stand-in that writes one figure and exits 0,
+    as the peer does with --skip-vae) and appends the peak-memory line to the same --out file."""
+    peer = tmp_path / "peer.py"
+    peer.write_text(
+        "import json, sys\n"
+        "out = sys.argv[sys.argv.index('--out') + 1]\n"
+        "open(out, 'a').write(json.dumps({'figure': 'x', 'argv': sys.argv[1:]}) + '\\n')\n"
+        "raise SystemExit(0)\n"
+    )
+    out = tmp_path / "peer.jsonl"
+    done = subprocess.run(
+        [sys.executable, "bench/peer_memory.py", str(peer), "--skip-vae", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0] == {"figure": "x", "argv": ["--skip-vae", "--out", str(out)]}
+    assert lines[1]["figure"] == "peer_peak_mem_gib"  # value: None without CUDA
