@@ -37,7 +37,6 @@ from stream_runtime.kernels.radial import radial_block_table, rolling_cache_layo
 MODELS = {"wan-1.3b": 12, "wan-14b": 40}
 HEAD_DIM = 128
 VAE_STRIDE, PATCH = 8, 2
-# Kernel launch configs tried per table: (BLOCK_M, BLOCK_N, num_warps, num_stages); None = the kernel's default.
 # Kernel launch configs tried per table: (BLOCK_M, BLOCK_N, num_warps, num_stages[, "tma"]); None = the kernel's
 # default. "tma" loads key/value tiles through tensor descriptors (Hopper's TMA engine).
 POINTER_CONFIGS = [
@@ -50,7 +49,15 @@ POINTER_CONFIGS = [
     (64, 64, 4, 3),
 ]
 TMA_CONFIGS = [(128, 128, 8, 3, "tma"), (128, 128, 8, 4, "tma"), (128, 64, 4, 3, "tma"), (128, 64, 8, 3, "tma")]
-CONFIG_SETS = {"all": POINTER_CONFIGS + TMA_CONFIGS, "pointer": POINTER_CONFIGS, "tma": [None, *TMA_CONFIGS]}
+# "splitN": split-K over N programs per query tile (more programs: 37 query tiles x 12 heads = 444 fill 3.4 waves of an
+# H200's 132 SMs, so the 4th wave runs a third full); "tma+split2": both.
+SPLIT_CONFIGS = [(128, 128, 8, 3, "split2"), (128, 128, 8, 3, "split3"), (128, 128, 8, 3, "tma+split2")]
+CONFIG_SETS = {
+    "all": POINTER_CONFIGS + TMA_CONFIGS + SPLIT_CONFIGS,
+    "pointer": POINTER_CONFIGS,
+    "tma": [None, *TMA_CONFIGS],
+    "split": [None, *SPLIT_CONFIGS],
+}
 MAX_REL_ERR = 2e-2  # bf16 operands against an fp32 reference: expect a few 1e-3
 
 
@@ -137,7 +144,11 @@ def run_model(name: str, heads: int, table_dense, table_radial, configs: list) -
                 else dict(zip(("block_m", "block_n", "num_warps", "num_stages"), config[:4], strict=True))
             )
             if config is not None and len(config) > 4:
-                kwargs["tma"] = config[4] == "tma"
+                marks = config[4].split("+")
+                kwargs["tma"] = "tma" in marks
+                for mark in marks:
+                    if mark.startswith("split"):
+                        kwargs["splits"] = int(mark.removeprefix("split"))
             fn = lambda table=table, kwargs=kwargs: block_sparse_attention(q, k, v, table, **kwargs)[0]
             record(label, fn, ref, table.density(), config or "default")
     return rows

@@ -12,6 +12,7 @@
 #   taehv      bench_stream.py 1.3B t2v with the TAEHV decoder (random weights of the taew2_1 shape)
 #   decoder    bench_latent_decoder.py: Wan VAE (eager, channels-last, compiled) vs TAEHV per latent frame, 480x832
 #   attention  bench_attention.py: kernels beside SDPA flash/cuDNN at the 1.3B and 14B shapes
+#   attention_split  the same with only the default and the split-K configs (block_sparse_attention(splits=N))
 #   14b        bench_stream.py 14B t2v + v2v (sdpa, compiled blocks, fewer chunks)
 #   ahead      bench_stream.py 1.3B t2v + v2v compiled, --decode-ahead (decode beside the next chunk), --early-first-frame
 #   graphs     bench_stream.py 1.3B t2v + v2v compiled + CUDA graphs, plain and --decode-ahead, --early-first-frame
@@ -55,6 +56,7 @@ for part in $parts; do
   decoder) timeout 300 python3 bench/bench_latent_decoder.py --decoders vae,vae_channels_last,vae_compiled,taehv \
              --latent-frames 24 --warmup 3 --out "$out" 2>&1 | tail -7 ;;
   attention) timeout 150 python3 bench/bench_attention.py --out "$out" 2>&1 | tail -12 ;;
+  attention_split) timeout 150 python3 bench/bench_attention.py --configs split --out "$out" 2>&1 | tail -12 ;;
   14b) timeout 210 python3 bench/bench_stream.py --model 14b --attention sdpa --compile blocks --chunks 4 --warmup 3 \
          --out "$out" 2>&1 | tail -4 ;;
   ahead) timeout 400 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 6 --compile \

@@ -142,6 +142,26 @@ def test_dense_walk_equals_the_indexed_walk_of_a_full_table(shape):
     assert_close(lse_dense, lse_indexed, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_split_k_matches_reference(splits, dtype):
+    """Split-K shares each row's key tiles among programs and merges their partials: dense tables with a short
+    last key block, sparse tables with empty rows, and more splits than a row has tiles (empty splits)."""
+    q, k, v = make_qkv(2, 72, 150, 2, 32, dtype)
+    check_against_reference(q, k, v, dense_block_table(72, 150, 32, 32, device=DEVICE), splits=splits)
+    out, lse = check_against_reference(q, k, v, random_table(2, 2, 72, 150, 16, 32, density=0.4), splits=splits)
+    assert out.dtype == dtype
+    check_against_reference(
+        q, k, v, random_table(1, 2, 72, 150, 32, 64, density=0.6, seed=2), splits=splits, block_n=16
+    )
+
+
+def test_split_k_rejects_a_bad_count():
+    q, k, v = make_qkv(1, 20, 48, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="splits must be"):
+        block_sparse_attention(q, k, v, dense_block_table(20, 48, 16, 16, device=DEVICE), splits=0)
+
+
 def test_a_table_marked_dense_must_be_full():
     mask = torch.ones(1, 1, 2, 3, dtype=torch.bool)
     mask[0, 0, 1, 2] = False
@@ -251,6 +271,6 @@ def test_bad_arguments_raise():
 @pytest.mark.parametrize("d", [64, 128])
 def test_bf16_on_gpu(d):
     q, k, v = make_qkv(2, 1000, 3000, 3, d, torch.bfloat16)
-    for tma in (False, True):
-        check_against_reference(q, k, v, random_table(1, 3, 1000, 3000, 128, 128, density=0.5), tma=tma)
-        check_against_reference(q, k, v, dense_block_table(1000, 3000, 128, 128, device=DEVICE), tma=tma)
+    for tma, splits in ((False, 1), (True, 1), (False, 2), (True, 3)):
+        check_against_reference(q, k, v, random_table(1, 3, 1000, 3000, 128, 128, density=0.5), tma=tma, splits=splits)
+        check_against_reference(q, k, v, dense_block_table(1000, 3000, 128, 128, device=DEVICE), tma=tma, splits=splits)

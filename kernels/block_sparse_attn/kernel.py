@@ -2,7 +2,9 @@
 
 Layout: q ``[B, Lq, H, D]``, k/v ``[B, Lk, H, D]`` (tokens before heads), any float16/bfloat16/float32, fp32
 accumulation. One program computes one ``[BLOCK_M, D]`` query tile of one (batch, head) and walks the table row of
-its query block; each listed table block of ``block_n`` keys is visited as ``block_n // BLOCK_N`` key tiles.
+its query block; each listed table block of ``block_n`` keys is visited as ``block_n // BLOCK_N`` key tiles. With
+``splits`` > 1 the key tiles of a row are shared out among that many programs (split-K), whose fp32 partial results
+are merged by their log-sum-exps afterwards: more programs for grids that fill the GPU's last wave poorly.
 
 Without a CUDA device this module switches Triton to its interpreter (``TRITON_INTERPRET=1``, only if the variable
 is unset) before any kernel is decorated (see ``stream_runtime.kernels._interpreter``): the compiled path cannot run
@@ -128,9 +130,11 @@ def _block_sparse_attn_fwd_kernel(
     stride_vb,
     stride_vn,
     stride_vh,
+    stride_os,
     stride_ob,
     stride_om,
     stride_oh,
+    stride_ls,
     stride_lb,
     stride_lh,
     stride_ib,
@@ -142,6 +146,7 @@ def _block_sparse_attn_fwd_kernel(
     q_len,
     k_len,
     n_k_blocks,
+    n_splits,
     qk_scale,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -158,6 +163,7 @@ def _block_sparse_attn_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
     # int64 batch offsets: B * L * H * D can pass 2**31 elements.
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -205,14 +211,20 @@ def _block_sparse_attn_fwd_kernel(
         else:
             last = tl.load(idx_row + count - 1, mask=count > 0, other=0)
             n_full = count - ((count > 0) & (last == n_k_blocks - 1)).to(tl.int32)
+    # This program's share of the row's key tiles (all of them unless split-K).
+    tiles = count * SUB_N
+    per_split = tl.cdiv(tiles, n_splits)
+    first = tl.minimum(split * per_split, tiles)
+    last = tl.minimum(first + per_split, tiles)
     acc, m_i, l_i = _attend_key_tiles(
-        acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, 0, n_full * SUB_N, k_len, stride_kn, stride_vn,
-        qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, USE_TMA, DENSE, DOT_PRECISION,
+        acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, first, tl.minimum(last, n_full * SUB_N), k_len,
+        stride_kn, stride_vn, qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, USE_TMA, DENSE,
+        DOT_PRECISION,
     )  # fmt: skip
     if not EVEN_N:
         acc, m_i, l_i = _attend_key_tiles(
-            acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, n_full * SUB_N, count * SUB_N, k_len,
-            stride_kn, stride_vn, qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, EVEN_D, USE_TMA, DENSE,
+            acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, tl.maximum(first, n_full * SUB_N), last,
+            k_len, stride_kn, stride_vn, qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, EVEN_D, USE_TMA, DENSE,
             DOT_PRECISION,
         )  # fmt: skip
 
@@ -223,11 +235,11 @@ def _block_sparse_attn_fwd_kernel(
     # m_i and log2(l_i) are in log2 units; lse is natural log.
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(
-        out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+        out_ptr + split * stride_os + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=q_tile_mask,
     )
-    tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_m, lse, mask=mask_m)
+    tl.store(lse_ptr + split * stride_ls + b * stride_lb + h * stride_lh + offs_m, lse, mask=mask_m)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: BlockTable) -> None:
@@ -305,6 +317,7 @@ def block_sparse_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     tma: bool = False,
+    splits: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the key blocks ``table`` lists, one pass, no score matrix in memory.
 
@@ -320,6 +333,9 @@ def block_sparse_attention(
         num_warps, num_stages: Triton launch settings (defaults suit an H100; ignored by the interpreter).
         tma: load key/value tiles through tensor descriptors (Hopper's TMA copy engine) where the layout allows it
             (power-of-two head dim, 16-byte aligned rows); plain pointer loads otherwise.
+        splits: split-K, the key tiles of each table row shared out among this many programs, whose fp32 partial
+            results are then merged exactly by their log-sum-exps (:func:`merge_splits`). It adds programs where
+            the grid (query tiles x batch x heads) leaves the GPU's last wave mostly idle.
 
     Returns:
         ``out [B, Lq, H, D]`` in ``q``'s dtype and ``lse [B, H, Lq]`` fp32 (natural log of the softmax
@@ -346,8 +362,16 @@ def block_sparse_attention(
             )
     scale = d**-0.5 if scale is None else float(scale)
 
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    if not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be an integer >= 1, got {splits!r}")
+    if splits == 1:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+        stride_os = stride_ls = 0
+    else:  # fp32 partial results, one per split
+        out = torch.empty(splits, batch, q_len, heads, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, batch, heads, q_len, dtype=torch.float32, device=q.device)
+        stride_os, stride_ls = out.stride(0), lse.stride(0)
     idx, count = table.block_idx.contiguous(), table.block_count.contiguous()
     # Stride 0 on a table dim of size 1 shares it across the batch or the heads.
     stride_ib, stride_ih = (s if n > 1 else 0 for s, n in zip(idx.stride()[:2], idx.shape[:2], strict=True))
@@ -356,17 +380,17 @@ def block_sparse_attention(
     use_tma = tma and _tma_layout_ok(k, v, d)
     if use_tma and q.is_cuda:
         _ensure_allocator()
-    grid = (triton.cdiv(q_len, block_m), batch * heads)
+    grid = (triton.cdiv(q_len, block_m), batch * heads, splits)
     _block_sparse_attn_fwd_kernel[grid](
         q, k, v, out, lse, idx, count,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
+        stride_os, out.stride(-4), out.stride(-3), out.stride(-2),
+        stride_ls, lse.stride(-3), lse.stride(-2),
         stride_ib, stride_ih, idx.stride(2),
         stride_cb, stride_ch,
-        heads, q_len, k_len, table.n_k_blocks, scale * _LOG2E,
+        heads, q_len, k_len, table.n_k_blocks, splits, scale * _LOG2E,
         D=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_M=block_m,
@@ -383,4 +407,18 @@ def block_sparse_attention(
         num_warps=default_warps if num_warps is None else num_warps,
         num_stages=default_stages if num_stages is None else num_stages,
     )  # fmt: skip
-    return out, lse
+    if splits == 1:
+        return out, lse
+    merged, lse = merge_splits(out, lse)
+    return merged.to(q.dtype), lse
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge split-K partial results ``out [S, B, L, H, D]``, ``lse [S, B, H, L]`` (each over disjoint keys) into
+    ``(out [B, L, H, D] fp32, lse [B, H, L])``: ``out = sum_s exp(lse_s - lse) out_s``, ``lse = logsumexp_s lse_s``.
+    Splits without keys (``lse = -inf``) weigh 0; a row no split saw stays ``out = 0``, ``lse = -inf``."""
+    total = torch.logsumexp(lse, dim=0)
+    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    weights = torch.exp(lse - safe)  # exp(-inf) = 0 for empty splits
+    merged = (weights.transpose(2, 3)[..., None] * out).sum(dim=0)
+    return merged, total
