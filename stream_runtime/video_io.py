@@ -56,8 +56,8 @@ class VideoWriter:
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         options = {"crf": str(self.crf), "g": str(self.keyframe_interval), "preset": "veryfast"}
         if self.codec == "libx264":
-            # No rate-control lookahead: with it, x264 gave different bytes for the same frames in about one run of
-            # six (tests/test_cli.py), and it holds frames back; without it each frame is muxed as it comes.
+            # No rate-control lookahead: with it, x264 gave other bytes for the same frames in 1 to 4 runs of 12
+            # (tests/test_cli.py), and it holds frames back; without it each frame is muxed as it comes.
             options["x264-params"] = "rc-lookahead=0:sync-lookahead=0"
         stream.options = options
         self._stream = stream

@@ -116,8 +116,8 @@ def test_video_writer_round_trip_and_checks(tmp_path):
 
 
 def test_video_writer_is_reproducible(tmp_path):
-    """The same frames give the same file bytes. With x264's rate-control lookahead on, 2 to 4 runs of 24 gave other
-    bytes (at 32, 64 and 96 pixels), which also broke the byte-equality tests of tests/test_distributed.py."""
+    """The same frames give the same file bytes. With x264's rate-control lookahead on, 1 to 4 runs of 12 gave other
+    bytes (at 32, 64 and 96 pixels), which put the byte-equality tests of tests/test_distributed.py at risk."""
     rng = np.random.default_rng(0)
     for size in (32, 64):
         frames = rng.integers(0, 256, (21, size // 8, size // 8, 3), dtype=np.uint8).repeat(8, 1).repeat(8, 2)
