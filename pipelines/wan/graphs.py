@@ -9,8 +9,9 @@ launches one graph per pass instead of about a hundred kernels per block, which 
 is too small to keep the GPU busy (video-to-video's single latent frame).
 
 Passes that do not match a graph run as before: while the cache fills, recache, attention reuse (its per-step
-state lives on the host) and the backends whose block tables the host picks per chunk (``radial``). The first
-pass of each shape runs eagerly (lazy initialisation, cuDNN plans, compiled graphs), the second is captured.
+state lives on the host) and the backends whose block tables the host picks per chunk (``radial``). Stream-batch
+forwards and sessions sharing forwards (``batching.next_chunks``) do not use graphs. The first pass of each shape
+runs eagerly (lazy initialisation, cuDNN plans, compiled graphs), the second is captured.
 
 The output equals the eager pass's: the replay runs the same kernels on the same values (the GPU test checks it).
 
