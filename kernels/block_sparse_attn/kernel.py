@@ -24,6 +24,7 @@ use_interpreter_without_cuda()
 import triton  # noqa: E402  (must follow use_interpreter_without_cuda)
 import triton.language as tl  # noqa: E402
 
+from .merge import merge_partials  # noqa: E402
 from .table import BlockTable  # noqa: E402
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -334,7 +335,7 @@ def block_sparse_attention(
         tma: load key/value tiles through tensor descriptors (Hopper's TMA copy engine) where the layout allows it
             (power-of-two head dim, 16-byte aligned rows); plain pointer loads otherwise.
         splits: split-K, the key tiles of each table row shared out among this many programs, whose fp32 partial
-            results are then merged exactly by their log-sum-exps (:func:`merge_splits`). It adds programs where
+            results are then merged exactly by their log-sum-exps (:func:`merge_partials`). It adds programs where
             the grid (query tiles x batch x heads) leaves the GPU's last wave mostly idle.
 
     Returns:
@@ -409,16 +410,5 @@ def block_sparse_attention(
     )  # fmt: skip
     if splits == 1:
         return out, lse
-    merged, lse = merge_splits(out, lse)
+    merged, lse = merge_partials(out, lse)
     return merged.to(q.dtype), lse
-
-
-def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge split-K partial results ``out [S, B, L, H, D]``, ``lse [S, B, H, L]`` (each over disjoint keys) into
-    ``(out [B, L, H, D] fp32, lse [B, H, L])``: ``out = sum_s exp(lse_s - lse) out_s``, ``lse = logsumexp_s lse_s``.
-    Splits without keys (``lse = -inf``) weigh 0; a row no split saw stays ``out = 0``, ``lse = -inf``."""
-    total = torch.logsumexp(lse, dim=0)
-    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
-    weights = torch.exp(lse - safe)  # exp(-inf) = 0 for empty splits
-    merged = (weights.transpose(2, 3)[..., None] * out).sum(dim=0)
-    return merged, total

@@ -35,12 +35,19 @@ def merge_attention(
     b, length, h, _ = out_a.shape
     if tuple(lse_a.shape) != (b, h, length):
         raise ValueError(f"lse must be [B, H, L] = {(b, h, length)} for out [B, L, H, D], got {tuple(lse_a.shape)}")
-    lse_a, lse_b = lse_a.float(), lse_b.float()
-    lse = torch.logaddexp(lse_a, lse_b)
-    # Where both sides are empty, lse is -inf and lse_x - lse would be NaN: shift by 0 so both weights are 0.
-    shift = torch.where(torch.isneginf(lse), 0.0, lse)
-    # [B, H, L] -> [B, L, H, 1], to broadcast over out's head_dim
-    w_a = torch.exp(lse_a - shift).transpose(1, 2).unsqueeze(-1)
-    w_b = torch.exp(lse_b - shift).transpose(1, 2).unsqueeze(-1)
-    out = w_a * out_a.float() + w_b * out_b.float()
+    out, lse = merge_partials(torch.stack([out_a.float(), out_b.float()]), torch.stack([lse_a.float(), lse_b.float()]))
     return out.to(out_a.dtype), lse
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``S`` partial results over disjoint key sets, ``out [S, B, L, H, D]`` and ``lse [S, B, H, L]``, into
+    ``(out [B, L, H, D] fp32, lse [B, H, L] fp32)``: ``out = sum_s exp(lse_s - lse) out_s``,
+    ``lse = logsumexp_s lse_s``. Parts without keys (``lse = -inf``) weigh exactly 0; a row no part saw stays
+    ``out = 0``, ``lse = -inf``. :func:`merge_attention` is the two-part case; the kernel's split-K uses it too."""
+    lse = lse.float()
+    total = torch.logsumexp(lse, dim=0)
+    # Where every part is empty, total is -inf and lse_s - total would be NaN: shift by 0 so all weights are 0.
+    shift = torch.where(torch.isneginf(total), 0.0, total)
+    # [S, B, H, L] -> [S, B, L, H, 1], to broadcast over out's head_dim
+    weights = torch.exp(lse - shift).transpose(2, 3).unsqueeze(-1)
+    return (weights * out.float()).sum(dim=0), total
