@@ -62,3 +62,12 @@ def test_peer_memory_runs_a_script_and_appends_its_peak(tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines[0] == {"figure": "x", "argv": ["--skip-vae", "--out", str(out)]}
     assert lines[1]["figure"] == "peer_peak_mem_gib"  # value: None without CUDA
+
+
+def test_probe_memory_tiny(tmp_path):
+    run(tmp_path, "bench/probe_memory.py", "--tiny")
+    (result,) = tmp_path.glob("memory_tiny_*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["config"] for r in rows] == ["t2v", "v2v"]
+    assert all(r["kv_cache_gib"] > 0 and r["decoder_conv_cache_gib"] > 0 for r in rows)
+    assert rows[0]["encoder_conv_cache_gib"] == 0 < rows[1]["encoder_conv_cache_gib"]

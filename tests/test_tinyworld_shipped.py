@@ -61,3 +61,17 @@ def test_generate_uses_it_without_a_model(tmp_path, capsys):
     assert cli.main(["generate", "--prompt", model.EXAMPLE_PROMPT, "--seconds", "1", "--out", str(out)]) == 0
     assert "embedded tiny-world model" in capsys.readouterr().out
     assert read_video(out).shape == (model.FPS, model.NATIVE_SIZE, model.NATIVE_SIZE, 3)
+
+
+def test_selfcheck_scores_the_shipped_vae_reconstructions():
+    """The VAE's ceiling for a transformer: colours survive its reconstructions, and the errors are counted by
+    kind (the shipped decoder's known weakness: small squares read as circles)."""
+    from stream_runtime.pipelines.tinyworld import selfcheck
+
+    vae = str(model.shipped_model_path() / "vae")
+    summary = selfcheck.main(["--frames", "9", "--vae", vae])
+    assert summary["clips"] == 128 and summary["colour_accuracy"] >= 0.95
+    wrong_shapes = sum(n for kind, n in summary["errors"].items() if ":" not in kind)
+    assert wrong_shapes == round((1 - summary["shape_accuracy"]) * summary["objects"])
+    with pytest.raises(SystemExit):
+        selfcheck.main(["--frames", "8", "--vae", vae])

@@ -276,6 +276,48 @@ def test_decoder_only_fine_tune_keeps_the_latent_space(tmp_path):
         assert same == (name != "decoder"), name
 
 
+def test_edge_error_charges_blurred_corners_not_colour_offsets():
+    square = torch.zeros(1, 3, 1, 16, 16)
+    square[..., 4:12, 4:12] = 1.0
+    assert train_vae.edge_error(square + 0.3, square).item() == pytest.approx(0.0, abs=1e-7)
+    blurred = torch.nn.functional.avg_pool2d(square[:, :, 0], 3, stride=1, padding=1)[:, :, None]
+    assert train_vae.edge_error(blurred, square).item() > 0.01
+    vae = AutoencoderKLWan(**model.vae_config(**TINY_VAE))
+    pixels = torch.rand(1, 3, 5, SIZE, SIZE) * 2 - 1
+    plain, parts = train_vae.vae_loss(vae, pixels, 1e-4, torch.Generator().manual_seed(0))
+    edged, edge_parts = train_vae.vae_loss(vae, pixels, 1e-4, torch.Generator().manual_seed(0), edge_weight=2.0)
+    assert "edge" not in parts
+    torch.testing.assert_close(edged, plain + 2.0 * edge_parts["edge"])
+
+
+def test_a_wider_decoder_is_trained_behind_the_frozen_encoder(tmp_path):
+    first = tmp_path / "vae"
+    train_vae.train(
+        train_vae.VAETrainConfig(
+            out=str(first), steps=1, batch=2, frames=5, size=SIZE, stats_clips=2, eval_clips=0, **TINY_VAE
+        )
+    )
+    with pytest.raises(ValueError, match="frozen encoder"):
+        train_vae.train(train_vae.VAETrainConfig(out=str(tmp_path / "x"), init=str(first), decoder_base_dim=8))
+    wide = tmp_path / "wide"
+    train_vae.train(
+        train_vae.VAETrainConfig(
+            out=str(wide), init=str(first), freeze_encoder=True, decoder_base_dim=2 * TINY_VAE["base_dim"],
+            steps=2, batch=2, frames=5, size=SIZE, lr=1e-2, warmup=0, stats_clips=2, eval_clips=0, edge_weight=1.0,
+        )
+    )  # fmt: skip
+    before, after = AutoencoderKLWan.from_pretrained(first), AutoencoderKLWan.from_pretrained(wide)
+    assert after.config.decoder_base_dim == 2 * TINY_VAE["base_dim"]
+    assert after.config.latents_std == before.config.latents_std
+    for name in ("encoder", "quant_conv"):  # post_quant_conv starts as a copy and trains with the decoder
+        for a, b in zip(getattr(before, name).parameters(), getattr(after, name).parameters(), strict=True):
+            assert torch.equal(a, b), name
+    assert sum(p.numel() for p in after.decoder.parameters()) > 2 * sum(p.numel() for p in before.decoder.parameters())
+    pixels = torch.rand(1, 3, 5, SIZE, SIZE) * 2 - 1
+    z = after.encode(pixels).latent_dist.mode()
+    assert after.decode(z).sample.shape == pixels.shape
+
+
 def test_self_estimates_are_the_models_clean_estimates_of_the_data():
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**model.vae_config(**TINY_VAE))
