@@ -32,6 +32,17 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages under ``tensors``: more than :func:`nbytes` where a tensor is a view that
+    keeps a larger buffer alive."""
+    storages = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def module_bytes(module) -> int:
     return nbytes(module.parameters()) + nbytes(module.buffers())
 
@@ -46,6 +57,10 @@ def state_bytes(session) -> dict[str, int]:
         "decoder_conv_cache": nbytes(session.decoder.cache.slots) if hasattr(session.decoder, "cache") else 0,
         "encoder_conv_cache": 0 if session.encoder is None else nbytes(session.encoder.cache.slots),
     }
+    if hasattr(session.decoder, "cache"):
+        parts["decoder_conv_cache_storage"] = storage_bytes(session.decoder.cache.slots)
+    if session.encoder is not None:
+        parts["encoder_conv_cache_storage"] = storage_bytes(session.encoder.cache.slots)
     if session.graphs is not None:
         parts["graph_static_inputs"] = sum(
             nbytes([g.x, g.timestep, g.out, *g.ropes]) + nbytes(t for kv in g.text for t in kv)
@@ -192,7 +207,7 @@ def main() -> None:
     stem = f"memory_{meta['model']}{'_compiled' if args.compile else ''}{'_graphs' if args.cuda_graphs else ''}"
     stem += f"_{meta['date']}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    cols = [k for k in rows[0] if k != "trace_sites_gib"]
+    cols = [k for k in dict.fromkeys(k for row in rows for k in row) if k != "trace_sites_gib"]
     print(write_markdown(out / f"{stem}.md", "Stream memory", meta, cols, rows))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from stream_runtime.attention import attention_with_lse
+from stream_runtime.kernels.merge import merge_partials
 
 
 class CrossStepReuse:
@@ -57,9 +58,6 @@ class CrossStepReuse:
 
 
 def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Softmax attention over the union of two disjoint key sets from each part's ``(out, lse)``."""
+    """Softmax attention over the union of two disjoint key sets from each part's ``(out, lse)`` (fp32)."""
     (out_a, lse_a), (out_b, lse_b) = a, b
-    lse = torch.logaddexp(lse_a, lse_b)
-    w_a = (lse_a - lse).exp().transpose(1, 2)[..., None]  # [B, L, H, 1]
-    w_b = (lse_b - lse).exp().transpose(1, 2)[..., None]
-    return out_a.float() * w_a + out_b.float() * w_b
+    return merge_partials(torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]))[0]

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from stream_runtime import StreamConfig, StreamPipeline
@@ -58,7 +59,8 @@ def test_pool_batches_are_the_datasets_clips():
 
 
 @pytest.mark.parametrize(
-    "objective,extra", [("teacher", {}), ("diffusion", {}), ("teacher", {"self_context_prob": 1.0})]
+    "objective,extra",
+    [("teacher", {}), ("diffusion", {}), ("teacher", {"self_context_prob": 1.0}), ("teacher", {"patch": 1})],
 )
 def test_dit_loss_decreases_on_a_fixed_batch(objective, extra):
     torch.manual_seed(0)
@@ -70,6 +72,7 @@ def test_dit_loss_decreases_on_a_fixed_batch(objective, extra):
     cfg = train_dit.DiTTrainConfig(vae="", out="", objective=objective, **TINY_DIT, **extra)
     tokenizer = model.build_tokenizer()
     wan, text_encoder = train_dit.build_models(cfg, vae, len(tokenizer))
+    assert tuple(wan.config.patch_size) == (1, cfg.patch or 2, cfg.patch or 2)
     net = StreamingWanTransformer(wan)
     ids, mask = model.tokenize(tokenizer, captions)
     grid = torch.tensor([0.9, 0.5])
@@ -333,3 +336,24 @@ def test_self_estimates_are_the_models_clean_estimates_of_the_data():
     torch.testing.assert_close(noiseless, x0)  # at level 0 the estimate is the input itself
     own = train_dit.self_estimates(net, x0, text_kv, stream, 0.6, torch.Generator().manual_seed(0))
     assert own.shape == x0.shape and torch.isfinite(own).all() and not torch.allclose(own, x0)
+
+
+def test_repatch_starts_the_finer_model_near_the_coarse_one():
+    """Patch 2 -> 1 (the shipped transformer): on latents that are flat over each 2x2 patch, the re-patched model's
+    output averaged per 2x2 stays near the coarse model's, far nearer than a fresh patch-1 model's."""
+    coarse = WanTransformer3DModel.from_pretrained(model.shipped_model_path() / "transformer").eval()
+    fine = train_dit.repatch(coarse, 1).eval()
+    assert tuple(fine.config.patch_size) == (1, 1, 1)
+    fresh = WanTransformer3DModel(**{**{k: v for k, v in coarse.config.items() if not k.startswith("_")},
+                                     "patch_size": (1, 1, 1)}).eval()  # fmt: skip
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 2, 4, 4).repeat_interleave(2, 3).repeat_interleave(2, 4)
+    t, text = torch.tensor([500.0]), torch.randn(1, 8, coarse.config.text_dim)
+    with torch.no_grad():
+        want = F.avg_pool3d(coarse(x, t, text, return_dict=False)[0], (1, 2, 2))
+        errors = [
+            (F.avg_pool3d(m(x, t, text, return_dict=False)[0], (1, 2, 2)) - want).abs().mean() for m in (fine, fresh)
+        ]
+    assert errors[0] < 0.2 * want.abs().mean() and errors[0] < 0.5 * errors[1]
+    with pytest.raises(ValueError, match="only spatial patch"):
+        train_dit.repatch(fine, 2)

@@ -13,8 +13,8 @@ Importing this package without a CUDA device sets ``TRITON_INTERPRET=1`` (if uns
 in Triton's interpreter on CPU tensors.
 """
 
+from ..merge import merge_attention
 from .kernel import block_sparse_attention
-from .merge import merge_attention
 from .naive import naive_attention, naive_block_sparse_attention
 from .table import BlockTable, dense_block_table
 

@@ -24,7 +24,7 @@ use_interpreter_without_cuda()
 import triton  # noqa: E402  (must follow use_interpreter_without_cuda)
 import triton.language as tl  # noqa: E402
 
-from .merge import merge_partials  # noqa: E402
+from ..merge import merge_partials  # noqa: E402
 from .table import BlockTable  # noqa: E402
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

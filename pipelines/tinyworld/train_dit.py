@@ -97,6 +97,10 @@ class DiTTrainConfig:
     layers: int = 6
     heads: int = 4
     head_dim: int = 32
+    patch: int | None = None
+    """Spatial patch of the transformer (``patch_size`` (1, p, p)): 2 (the default of a new model) gives 4x4 tokens
+    per 8x8 latent frame, each token 16x16 pixels; 1 gives 8x8 tokens of 8x8 pixels (four times the tokens).
+    None with ``init``: the init's patch; 1 with an init of patch 2: that model re-patched (:func:`repatch`)."""
     text_dim: int = 64
     text_layers: int = 2
     text: str = "train"
@@ -313,6 +317,30 @@ def loss_per_level(
 # ------------------------------------------------------------------------------------------------------ train
 
 
+def repatch(wan: WanTransformer3DModel, patch: int) -> WanTransformer3DModel:
+    """``wan`` with spatial patch 1 instead of its ``p x p``, as a start for training the finer model: the blocks,
+    embedders and modulation are copied; the patch embedding sums its kernel over the ``p x p`` positions (a token
+    of a flat region embeds as the coarse token of that region did) and the output projection averages its
+    ``p x p`` sub-pixel rows (each fine token predicts what its coarse token predicted on average)."""
+    old = wan.config.patch_size
+    if patch != 1 or old[0] != 1:
+        raise ValueError(
+            f"repatch: only spatial patch (1, p, p) -> (1, 1, 1) is supported, got {tuple(old)} -> {patch}"
+        )
+    config = {k: v for k, v in wan.config.items() if not k.startswith("_")}
+    config["patch_size"] = (1, 1, 1)
+    new = WanTransformer3DModel(**config).to(next(wan.parameters()).dtype)
+    state = wan.state_dict()
+    weight = state["patch_embedding.weight"]  # [D, C, 1, p, p]
+    state["patch_embedding.weight"] = weight.sum(dim=(3, 4), keepdim=True)
+    rows = old[1] * old[2]
+    out_w, out_b = state["proj_out.weight"], state["proj_out.bias"]  # [p*p*C, D] in (p_h, p_w, C) order
+    state["proj_out.weight"] = out_w.view(rows, -1, out_w.shape[-1]).mean(dim=0)
+    state["proj_out.bias"] = out_b.view(rows, -1).mean(dim=0)
+    new.load_state_dict(state)
+    return new
+
+
 def build_models(cfg: DiTTrainConfig, vae: AutoencoderKLWan, vocab_size: int):
     if cfg.init is not None:
         trained, _ = load_trained_for(cfg.init)
@@ -325,12 +353,21 @@ def build_models(cfg: DiTTrainConfig, vae: AutoencoderKLWan, vocab_size: int):
         text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder")
         if wan.config.in_channels != vae.config.z_dim or text_encoder.config.vocab_size != vocab_size:
             raise ValueError(f"init: {cfg.init!r} does not fit this VAE's latents or this tokenizer")
+        if cfg.patch is not None and cfg.patch != wan.config.patch_size[-1]:
+            wan = repatch(wan, cfg.patch)
         return wan.float(), text_encoder.float()
     text_encoder = UMT5EncoderModel(
         UMT5Config(**text_encoder_config(vocab_size, d_model=cfg.text_dim, layers=cfg.text_layers))
     )
     wan = WanTransformer3DModel(
-        **transformer_config(vae.config.z_dim, cfg.text_dim, layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim)
+        **transformer_config(
+            vae.config.z_dim,
+            cfg.text_dim,
+            layers=cfg.layers,
+            heads=cfg.heads,
+            head_dim=cfg.head_dim,
+            patch_size=(1, cfg.patch or 2, cfg.patch or 2),
+        )
     )
     return wan, text_encoder
 
@@ -504,7 +541,7 @@ def parse_args(argv: list[str] | None = None) -> DiTTrainConfig:
             continue
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
-        if field.name in ("steps", "threads"):
+        if field.name in ("steps", "threads", "patch"):
             parser.add_argument(flag, type=int, default=None)
         elif field.name == "init":
             parser.add_argument(flag, default=None, help="folder of an earlier run to continue from")

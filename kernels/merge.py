@@ -1,4 +1,5 @@
-"""Combine two attention results over disjoint key sets, given each side's log-sum-exp."""
+"""Combine attention results over disjoint key sets, given each part's log-sum-exp (plain PyTorch: importing this
+module does not import Triton, so the cross-step reuse path uses it on any machine)."""
 
 from __future__ import annotations
 
