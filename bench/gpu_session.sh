@@ -22,6 +22,8 @@
 #   pacing     bench_pacing.py: 1.3B t2v (compiled) played at 16 fps through stream_runtime.pacing.Paced, jitter
 #   pacing_graphs  the same with CUDA graphs
 #   peer       the peer (StreamDiffusionV2 from PyPI) in the same session, for ratios, and its peak memory
+#   memory     probe_memory.py: where a stream's memory goes (eager, then compiled + CUDA graphs), allocation sites
+#   ffn_gelu   probe_ffn_gelu.py: the Wan FFN with cuBLASLt's GELU epilogue against eager / compiled
 set -u
 out=${1:-bench/results}
 shift || true
@@ -74,6 +76,9 @@ for part in $parts; do
                    --seconds 20 --out "$out" 2>&1 | tail -4 ;;
   pacing) timeout 300 python3 bench/bench_pacing.py --model random-1.3b --device cuda --compile --seconds 20 \
             --out "$out" 2>&1 | tail -4 ;;
+  memory) timeout 200 python3 bench/probe_memory.py --trace --out "$out" 2>&1 | tail -4
+          timeout 400 python3 bench/probe_memory.py --compile --cuda-graphs --trace --out "$out" 2>&1 | tail -4 ;;
+  ffn_gelu) timeout 200 python3 bench/probe_ffn_gelu.py --out "$out" 2>&1 | tail -8 ;;
   peer) [ -f .whl/peer_sdv2.py ] && timeout 200 python3 bench/peer_memory.py .whl/peer_sdv2.py --out "$out/peer_sdv2.jsonl" \
           2>&1 | tail -12 ;;
   *) echo "unknown part: $part" >&2 ;;

@@ -71,3 +71,11 @@ def test_probe_memory_tiny(tmp_path):
     assert [r["config"] for r in rows] == ["t2v", "v2v"]
     assert all(r["kv_cache_gib"] > 0 and r["decoder_conv_cache_gib"] > 0 for r in rows)
     assert rows[0]["encoder_conv_cache_gib"] == 0 < rows[1]["encoder_conv_cache_gib"]
+
+
+def test_probe_ffn_gelu_tiny(tmp_path):
+    run(tmp_path, "bench/probe_ffn_gelu.py", "--tiny")
+    (result,) = tmp_path.glob("ffn_gelu_tiny_*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["eager", "compiled", "epilogue", "epilogue_compiled"]
+    assert rows[1]["max_abs_err_vs_fp32"] < 1e-4  # the epilogue's exact GELU on the CPU differs more; not checked
