@@ -13,6 +13,8 @@
 #   decoder    bench_latent_decoder.py: Wan VAE (eager, channels-last, compiled) vs TAEHV per latent frame, 480x832
 #   attention  bench_attention.py: kernels beside SDPA flash/cuDNN at the 1.3B and 14B shapes
 #   attention_split  the same with only the default and the split-K configs (block_sparse_attention(splits=N))
+#   attention_split_v2v  the split-K configs at the v2v shape (1 chunk frame against 3 sink + 2 window: 1,560 x 9,360,
+#              a grid of 156 programs at 12 heads, about 1.2 waves of an H200), into OUT/v2v
 #   14b        bench_stream.py 14B t2v + v2v (sdpa, compiled blocks, fewer chunks)
 #   ahead      bench_stream.py 1.3B t2v + v2v compiled, --decode-ahead (decode beside the next chunk), --early-first-frame
 #   graphs     bench_stream.py 1.3B t2v + v2v compiled + CUDA graphs, plain and --decode-ahead, --early-first-frame
@@ -58,6 +60,8 @@ for part in $parts; do
   decoder) timeout 300 python3 bench/bench_latent_decoder.py --decoders vae,vae_channels_last,vae_compiled,taehv \
              --latent-frames 24 --warmup 3 --out "$out" 2>&1 | tail -7 ;;
   attention) timeout 150 python3 bench/bench_attention.py --out "$out" 2>&1 | tail -12 ;;
+  attention_split_v2v) timeout 150 python3 bench/bench_attention.py --configs split --sink 3 --window 2 --chunk 1 \
+                         --out "$out/v2v" 2>&1 | tail -12 ;;
   attention_split) timeout 150 python3 bench/bench_attention.py --configs split --out "$out" 2>&1 | tail -12 ;;
   14b) timeout 210 python3 bench/bench_stream.py --model 14b --attention sdpa --compile blocks --chunks 4 --warmup 3 \
          --out "$out" 2>&1 | tail -4 ;;
