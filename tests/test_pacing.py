@@ -28,7 +28,10 @@ def chunks(n, frames=3, start=0):
 
 def test_frames_come_out_in_order_one_period_apart():
     clock = FakeClock()
-    with Paced(chunks(4), fps=10, buffer_s=0.2, clock=clock, sleep=clock.sleep) as paced:
+    # The buffer holds the whole source (12 frames at 10 fps), so the clock starts only once the producer thread
+    # has queued everything: with a fake clock the consumer never waits, and a shorter buffer would make this
+    # test race the thread (an underrun whenever the machine is busy).
+    with Paced(chunks(4), fps=10, buffer_s=1.2, clock=clock, sleep=clock.sleep) as paced:
         out = [int(f.ravel()[0]) for f in paced]
     assert out == list(range(12))
     stats = paced.stats()
