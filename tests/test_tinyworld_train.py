@@ -252,13 +252,20 @@ def test_readme_strip_script_draws_the_models_frames(tmp_path):
     np.testing.assert_array_equal(image[: 2 * h : 2, : 2 * w : 2], first[0])
 
 
-def test_decoder_only_fine_tune_keeps_the_latent_space(tmp_path):
-    first = tmp_path / "vae"
+@pytest.fixture(scope="module")
+def first_vae(tmp_path_factory):
+    """A tiny VAE folder after one training step: the ``init`` of the decoder-only runs."""
+    first = tmp_path_factory.mktemp("first") / "vae"
     train_vae.train(
         train_vae.VAETrainConfig(
             out=str(first), steps=1, batch=2, frames=5, size=SIZE, stats_clips=2, eval_clips=0, **TINY_VAE
         )
     )
+    return first
+
+
+def test_decoder_only_fine_tune_keeps_the_latent_space(tmp_path, first_vae):
+    first = first_vae
     with pytest.raises(ValueError, match="needs init"):
         train_vae.train(train_vae.VAETrainConfig(out=str(tmp_path / "x"), steps=1, freeze_encoder=True))
     tuned = tmp_path / "tuned"
@@ -293,13 +300,8 @@ def test_edge_error_charges_blurred_corners_not_colour_offsets():
     torch.testing.assert_close(edged, plain + 2.0 * edge_parts["edge"])
 
 
-def test_a_wider_decoder_is_trained_behind_the_frozen_encoder(tmp_path):
-    first = tmp_path / "vae"
-    train_vae.train(
-        train_vae.VAETrainConfig(
-            out=str(first), steps=1, batch=2, frames=5, size=SIZE, stats_clips=2, eval_clips=0, **TINY_VAE
-        )
-    )
+def test_a_wider_decoder_is_trained_behind_the_frozen_encoder(tmp_path, first_vae):
+    first = first_vae
     with pytest.raises(ValueError, match="frozen encoder"):
         train_vae.train(train_vae.VAETrainConfig(out=str(tmp_path / "x"), init=str(first), decoder_base_dim=8))
     wide = tmp_path / "wide"
