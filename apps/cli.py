@@ -50,6 +50,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument(
+        "--text-encoder-device",
+        help="run the text encoder here instead of on --device, e.g. cpu: it runs once per new prompt, and Wan2.1's "
+        "UMT5-XXL encoder takes some 11 GB of GPU memory",
+    )
+    g.add_argument(
         "--decoder",
         default="vae",
         metavar="vae|taehv:PATH",
@@ -98,6 +103,8 @@ def _load_pipeline(args: argparse.Namespace):
             why = "--tiny-random" if args.tiny_random else "No --model given and no assets/tinyworld"
             print(f"{why}: using the tiny random-weights model (moving noise, no trained content).")
             pipe = StreamPipeline.tiny_random(device=args.device, dtype=dtype or torch.float32)
+            if getattr(args, "text_encoder_device", None):
+                pipe.to(args.device, args.text_encoder_device)
             pipe.set_decoder(args.decoder)
             return pipe
         print(f"No --model given: using the embedded tiny-world model ({model}).")
@@ -109,6 +116,7 @@ def _load_pipeline(args: argparse.Namespace):
         lora=args.lora,
         lora_scale=args.lora_scale,
         decoder=args.decoder,
+        text_encoder_device=getattr(args, "text_encoder_device", None),
     )
 
 

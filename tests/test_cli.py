@@ -42,6 +42,24 @@ def test_generate_writes_the_requested_frames(tmp_path, capsys):
     assert "wrote 24 frames" in capsys.readouterr().out
 
 
+def test_generate_text_encoder_device_is_passed_on(tmp_path, monkeypatch):
+    """--text-encoder-device reaches StreamPipeline.to (on this CPU-only machine both devices are the CPU)."""
+    from stream_runtime.pipelines.wan.pipeline import StreamPipeline
+
+    seen = []
+    to = StreamPipeline.to
+
+    def spy(self, device, text_encoder_device=None):
+        seen.append((str(device), text_encoder_device))
+        return to(self, device, text_encoder_device)
+
+    monkeypatch.setattr(StreamPipeline, "to", spy)
+    out = tmp_path / "clip.mp4"
+    argv = ["generate", "--tiny-random", "--text-encoder-device", "cpu", "--prompt", "a red fox", "--seconds", "0.5"]
+    assert cli.main([*argv, "--out", str(out), "--height", "32", "--width", "32", "--device", "cpu"]) == 0
+    assert seen[-1] == ("cpu", "cpu") and read_video(out).shape[0] == 8
+
+
 def test_interrupted_run_leaves_a_playable_file(tmp_path, monkeypatch):
     from stream_runtime.pipelines.wan.session import StreamSession
 

@@ -72,6 +72,24 @@ def test_session_on_gpu_bf16():
     assert [f.shape[0] for f in frames] == [9, 12, 12]
 
 
+@torch.no_grad()
+def test_text_encoder_on_the_cpu_streams_like_on_the_gpu():
+    """StreamPipeline.to(device, text_encoder_device="cpu"): embeddings move to the GPU; the frames match a pipeline
+    whose encoder is on the GPU (fp32, so the two encoders agree to rounding)."""
+    from stream_runtime import StreamPipeline
+
+    pipe = StreamPipeline.tiny_random(device="cuda", dtype=torch.float32)
+    with pipe.session("a red fox", seed=0) as s:
+        want = [next(s) for _ in range(2)]
+    pipe.to("cuda", text_encoder_device="cpu")
+    pipe.prompts._cache.clear()
+    assert pipe.text_encoder.device.type == "cpu" and pipe.encode_prompt("a red fox").device.type == "cuda"
+    with pipe.session("a red fox", seed=0) as s:
+        got = [next(s) for _ in range(2)]
+    for a, b in zip(want, got, strict=True):
+        assert abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_cudnn"])
 @torch.no_grad()
 def test_compiled_bf16_stream_matches_eager(backend):

@@ -269,12 +269,13 @@ class StreamPipeline:
     # -- sessions
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Prompt embeddings ``[1, max_tokens, text_dim]`` (cached per prompt)."""
-        return self.prompts(prompt)
+        """Prompt embeddings ``[1, max_tokens, text_dim]`` (cached per prompt) on the transformer's device, wherever
+        the text encoder runs (see :meth:`to`)."""
+        return self.prompts(prompt).to(self.device)
 
     def encode_negative_prompt(self, prompt: str) -> torch.Tensor:
         """Embeddings of a guidance negative prompt; ``""`` (the unconditional prompt) is allowed here."""
-        return self.prompts(prompt, allow_empty=True)
+        return self.prompts(prompt, allow_empty=True).to(self.device)
 
     def session(
         self,
@@ -309,12 +310,13 @@ class StreamPipeline:
         lora: str | pathlib.Path | None = None,
         lora_scale: float = 1.0,
         decoder: str | TAEHV = DECODER_VAE,
+        text_encoder_device: str | torch.device | None = None,
     ) -> StreamPipeline:
         """Load a diffusers-layout folder; optionally take the transformer from an original-format causal
         checkpoint file (with a LoRA merged on load, e.g. LongLive).
 
         ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU. ``decoder``: see :meth:`set_decoder`
-        (``"taehv:taew2_1.pth"`` for the tiny TAEHV decoder).
+        (``"taehv:taew2_1.pth"`` for the tiny TAEHV decoder). ``text_encoder_device``: see :meth:`to`.
         """
         root = pathlib.Path(path)
         if not root.is_dir():
@@ -360,14 +362,21 @@ class StreamPipeline:
         defaults = {}
         if (root / RUNTIME_FILE).is_file():
             defaults = json.loads((root / RUNTIME_FILE).read_text())
-        pipe = cls(transformer, vae, text_encoder, tokenizer, defaults).to(device)
+        pipe = cls(transformer, vae, text_encoder, tokenizer, defaults).to(device, text_encoder_device)
         pipe.set_decoder(decoder)
         return pipe
 
-    def to(self, device: str | torch.device) -> StreamPipeline:
-        modules = [self.transformer, self.vae, self.text_encoder] + ([self.taehv] if self.taehv is not None else [])
+    def to(self, device: str | torch.device, text_encoder_device: str | torch.device | None = None) -> StreamPipeline:
+        """Move the models to ``device``, the text encoder to ``text_encoder_device`` if given (else to ``device``).
+
+        ``text_encoder_device="cpu"`` keeps the text encoder off the GPU: it runs once per new prompt (a prompt
+        switch waits for it), and Wan2.1's UMT5-XXL encoder is about 5.7B parameters by its config, some 11 GB in
+        bf16. Embeddings are moved to ``device`` after encoding."""
+        modules = [self.transformer, self.vae] + ([self.taehv] if self.taehv is not None else [])
         for module in modules:
             module.to(device)
+        self.text_encoder.to(text_encoder_device if text_encoder_device is not None else device)
+        modules.append(self.text_encoder)
         for m in modules:
             m.eval().requires_grad_(False)
         return self
