@@ -337,3 +337,33 @@ def test_serve_stops_cleanly_on_ctrl_c_and_sigterm(sig):
             proc.communicate()
     assert proc.returncode == 0, (proc.returncode, out, err)
     assert "stopped: sessions closed, engine thread joined" in out, (out, err)
+
+
+def test_a_discarded_recording_skips_its_queued_writes(tmp_path):
+    """A dropped connection's recording: the write in progress ends, the queued ones are cancelled (not encoded
+    for nobody), and the file is deleted."""
+    from stream_runtime.serving.server import SessionRecorder
+
+    recorder = SessionRecorder("x", tmp_path / "x.mp4", fps=16)
+    started, release, written = threading.Event(), threading.Event(), []
+
+    def write(frames):
+        started.set()
+        release.wait(timeout=10)
+        written.append(len(frames))
+
+    recorder._writer.write = write
+    for _ in range(5):
+        recorder.write(np.zeros((4, 16, 16, 3), np.uint8))
+    assert started.wait(timeout=10)
+
+    async def main():
+        task = asyncio.create_task(recorder.discard())
+        # ThreadPoolExecutor.shutdown cancels the queued writes under the lock that sets _shutdown, then waits
+        while not recorder._pool._shutdown:
+            await asyncio.sleep(0.001)
+        release.set()
+        await task
+
+    asyncio.run(main())
+    assert written == [4] and not recorder.path.exists()

@@ -207,6 +207,18 @@ class SessionRecorder:
             return 0
         return self._writer.frames_written
 
+    async def discard(self) -> None:
+        """Drop the recording (its connection is gone, so nobody can download it): writes not yet started are
+        cancelled rather than encoded, the one in progress ends, the file is closed and deleted."""
+
+        def stop() -> None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            with contextlib.suppress(Exception):
+                self._writer.close()
+
+        await asyncio.to_thread(stop)
+        self.path.unlink(missing_ok=True)
+
 
 class Connection:
     """One websocket: at most one session at a time (open, ..., closed, then open again if wanted)."""
@@ -270,8 +282,7 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
             if self.recorder is not None:  # nobody is left to download it
-                await self.recorder.finish()
-                self.recorder.path.unlink(missing_ok=True)
+                await self.recorder.discard()
         if overflow is not None:
             logger.info("closing a websocket that reads nothing: %s", overflow)
             with contextlib.suppress(Exception):  # it may never ack the close; uvicorn drops the transport after us
