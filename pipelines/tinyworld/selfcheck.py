@@ -23,25 +23,6 @@ DEFAULT_FRAMES = 32
 """Two seconds at WORLD_FPS: longer than MIN_FRAMES_TO_JUDGE_BOUNCE."""
 
 
-def reconstruct(clips: np.ndarray, vae_folder: str, batch: int = 8) -> np.ndarray:
-    """uint8 clips ``[N, T, H, W, 3]`` through the VAE (posterior mean, then decode), as uint8 again. ``T`` must
-    be ``1 + 4k``."""
-    import torch
-    from diffusers import AutoencoderKLWan
-
-    from .model import frames_to_pixels
-    from .train_vae import decode_raw, encode_moments
-
-    vae = AutoencoderKLWan.from_pretrained(vae_folder).eval()
-    out = []
-    with torch.no_grad():
-        for lo in range(0, len(clips), batch):
-            mean, _ = encode_moments(vae, frames_to_pixels(clips[lo : lo + batch]))
-            pixels = decode_raw(vae, mean).float().clamp(-1, 1)
-            out.append(((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy())
-    return np.concatenate(out)
-
-
 def error_counts(scores: list[dict]) -> dict[str, int]:
     """Wrong objects by kind: ``"<size> <shape> -> <detected shape>"`` for shapes, ``"<field>: a -> b"`` else."""
     counts = Counter()
@@ -71,7 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     specs = [sample_spec(seed) for seed in seeds]
     clips = np.stack([render(s, args.frames, args.height, args.width, not args.no_antialias) for s in specs])
     if args.vae is not None:
-        clips = reconstruct(clips, args.vae)
+        from diffusers import AutoencoderKLWan
+
+        from .train_vae import reconstruct
+
+        clips = reconstruct(AutoencoderKLWan.from_pretrained(args.vae).eval(), clips)
     result = evaluate(list(clips), specs)
     summary = {k: v for k, v in result.items() if k != "scores"}
     summary.update(frames=args.frames, height=args.height, width=args.width, vae=args.vae)

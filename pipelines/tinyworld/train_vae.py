@@ -206,19 +206,24 @@ def measure_latent_stats(vae: AutoencoderKLWan, clips: torch.Tensor, batch: int 
 
 
 @torch.no_grad()
+def reconstruct(vae: AutoencoderKLWan, clips: np.ndarray, batch: int = 8) -> np.ndarray:
+    """uint8 clips ``[N, T, H, W, 3]`` (``T = 1 + 4k``) through the VAE: posterior mean, decode, uint8 again."""
+    out = []
+    for lo in range(0, len(clips), batch):
+        mean, _ = encode_moments(vae, frames_to_pixels(clips[lo : lo + batch]).to(vae.device, vae.dtype))
+        pixels = decode_raw(vae, mean).float().clamp(-1, 1)
+        out.append(((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
 def reconstruction_report(vae: AutoencoderKLWan, count: int, size: int, batch: int = 8) -> dict:
     """Encode (posterior mode) and decode held-out clips long enough to judge a bounce; PSNR and the evaluator's
     accuracies on the reconstructions."""
     frames = 1 + 4 * -(-(MIN_FRAMES_TO_JUDGE_BOUNCE - 1) // 4)  # 1 + 4k >= 22 -> 25
     specs = [sample_spec(seed) for seed in held_out_seeds()[:count]]
     originals = np.stack([render(s, frames, size, size) for s in specs])
-    recons = []
-    for lo in range(0, count, batch):
-        pixels = frames_to_pixels(originals[lo : lo + batch]).to(vae.device, vae.dtype)
-        mean, _ = encode_moments(vae, pixels)
-        out = decode_raw(vae, mean).float().clamp(-1, 1)
-        recons.append(((out + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy())
-    recon = np.concatenate(recons)
+    recon = reconstruct(vae, originals, batch)
     mse = np.mean((recon.astype(np.float64) - originals.astype(np.float64)) ** 2)
     scores = evaluate(list(recon), [caption(s) for s in specs])
     return {
