@@ -6,6 +6,7 @@ from conftest import assert_close
 from diffusers import AutoencoderKLWan
 
 from stream_runtime.pipelines.wan.vae_stream import (
+    CausalConvCache,
     StreamingVAEDecoder,
     StreamingVAEEncoder,
     conv_weights_channels_last,
@@ -198,3 +199,33 @@ def test_cache_stays_constant_over_a_long_stream(wan21_vae):
     assert sizes[0] > 0
     assert len(set(sizes[settle_frames:])) == 1, sizes
     assert all(s.grad_fn is None for s in decoder.cache.slots if isinstance(s, torch.Tensor))
+
+
+class _ViewCachingModule(torch.nn.Module):
+    """Writes its cache the way a compiled decoder can: slot 0 as a view into the whole input, slot 1 owned."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        self.convs = torch.nn.ModuleList([WanCausalConv3d(1, 1, 3, padding=1) for _ in range(2)])
+
+    def forward(self, x, feat_cache, feat_idx):
+        feat_cache[0] = x[:, :, -2:]
+        feat_cache[1] = x[:, :, -2:].clone()
+        return x
+
+
+def test_cache_slots_that_view_a_larger_buffer_are_compacted():
+    """A slot that is a view keeps its whole parent activation alive between chunks: the cache copies it out."""
+    module = _ViewCachingModule()
+    cache = CausalConvCache(module)
+    x = torch.randn(1, 4, 8, 3, 5)
+    cache.run(module, x)
+    view_slot, owned_slot = cache.slots
+    assert view_slot.untyped_storage().nbytes() == view_slot.nbytes  # no longer holds the 8-frame input
+    assert view_slot.data_ptr() != x.data_ptr()
+    assert torch.equal(view_slot, x[:, :, -2:]) and torch.equal(owned_slot, x[:, :, -2:])
+    owned_ptr = owned_slot.data_ptr()
+    cache.compact()
+    assert cache.slots[1].data_ptr() == owned_ptr  # a slot that owns its storage is not copied again
