@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import assert_close
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from stream_runtime.pipelines.wan.vae_stream import (
     CausalConvCache,
@@ -206,8 +207,6 @@ class _ViewCachingModule(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
         self.convs = torch.nn.ModuleList([WanCausalConv3d(1, 1, 3, padding=1) for _ in range(2)])
 
     def forward(self, x, feat_cache, feat_idx):
