@@ -1,6 +1,7 @@
 """Tiny-world training code on CPU at tiny shapes: each stage overfits a fixed batch, and the stages chain into a
 folder that ``StreamPipeline.from_pretrained`` streams from."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,8 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from stream_runtime import StreamConfig, StreamPipeline
 from stream_runtime.cache import CacheLayout, RollingKVCache
-from stream_runtime.pipelines.tinyworld import eval_model, export, model, train_dit, train_vae
+from stream_runtime.pipelines.tinyworld import eval_model, export, model, train_data, train_dit, train_vae
+from stream_runtime.pipelines.tinyworld.spec import SHAPES
 from stream_runtime.pipelines.tinyworld.train_data import ClipDataset, pool_batch, render_pool
 from stream_runtime.pipelines.tinyworld.world import caption, sample_spec
 from stream_runtime.pipelines.wan.transformer import StreamingWanTransformer
@@ -359,3 +361,76 @@ def test_repatch_starts_the_finer_model_near_the_coarse_one():
     assert errors[0] < 0.2 * want.abs().mean() and errors[0] < 0.5 * errors[1]
     with pytest.raises(ValueError, match="only spatial patch"):
         train_dit.repatch(fine, 2)
+
+
+def test_shape_siblings_change_every_shape_and_nothing_else(monkeypatch):
+    spec = sample_spec(300, num_shapes=3)
+    sibling = train_data.shapes_rotated(spec, 1)
+    assert sibling.background == spec.background
+    for a, b in zip(spec.shapes, sibling.shapes, strict=True):
+        assert b.shape != a.shape and b == dataclasses.replace(a, shape=b.shape)
+    assert train_data.shapes_rotated(spec, 3) == spec  # three shapes: a full turn
+    words = [(x, y) for x, y in zip(caption(spec).split(), caption(sibling).split(), strict=True) if x != y]
+    assert len(words) == 3 and all(x in SHAPES and y in SHAPES for x, y in words)
+    # a sibling whose caption is held out is never trained on: the other rotation, or no sibling at all
+    seed = 500
+    first, second = (caption(train_data.shapes_rotated(sample_spec(seed), k)) for k in (1, 2))
+    assert train_data.shape_sibling(seed) == 1
+    monkeypatch.setattr(train_data, "held_out_captions", lambda: frozenset({first}))
+    assert train_data.shape_sibling(seed) == 2
+    monkeypatch.setattr(train_data, "held_out_captions", lambda: frozenset({first, second}))
+    assert train_data.shape_sibling(seed) is None
+
+
+def test_shape_pairs_share_their_noise_and_the_pair_term_is_their_difference():
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**model.vae_config(**TINY_VAE))
+    streams = train_data.encode_streams(vae, 4, 6, SIZE, batch=4, shape_pairs=True)
+    assert streams.paired and streams.latents.shape[0] == 4
+    assert streams.seeds[0] == streams.seeds[1] != streams.seeds[2] == streams.seeds[3]
+    assert streams.captions[0] != streams.captions[1]
+    assert not torch.equal(streams.latents[0], streams.latents[1])
+    with pytest.raises(ValueError, match="even"):
+        train_data.encode_streams(vae, 3, 6, SIZE, shape_pairs=True)
+
+    cfg = train_dit.DiTTrainConfig(vae="", out="", pair_weight=2.0, **TINY_DIT)
+    wan, text_encoder = train_dit.build_models(cfg, vae, len(model.build_tokenizer()))
+    net = StreamingWanTransformer(wan)
+    stream, grid = model.STREAM, torch.tensor([0.9, 0.5])
+    frames = model.stream_sequence_frames(stream)
+    x0 = torch.randn(2, vae.config.z_dim, frames, SIZE // 8, SIZE // 8)
+    ids, mask = model.tokenize(model.build_tokenizer(), [caption(sample_spec(s)) for s in (5, 6)])
+    embeds = model.encode_tokens(text_encoder, ids, mask)
+    for objective in train_dit.OBJECTIVES:
+        cfg = dataclasses.replace(cfg, objective=objective)
+        # a "pair" of two equal rows: with shared noise and levels both halves predict alike, the term is 0
+        same = net.text_kv(embeds[:1].expand(2, -1, -1))
+        _, parts = train_dit.flow_loss(
+            net, x0[:1].expand(2, -1, -1, -1, -1), same, cfg, stream, grid, torch.Generator().manual_seed(0), True
+        )
+        assert parts["pair"].item() < 1e-10 < parts["loss"].item()
+        loss, parts = train_dit.flow_loss(
+            net, x0, net.text_kv(embeds), cfg, stream, grid, torch.Generator().manual_seed(0), paired=True
+        )
+        assert parts["pair"].item() > 1e-4
+        torch.testing.assert_close(loss, parts["loss"] + 2.0 * parts["pair"])
+    with pytest.raises(ValueError, match="even batch"):
+        train_dit.flow_loss(net, x0[:1], net.text_kv(embeds[:1]), cfg, stream, grid, torch.Generator(), True)
+
+
+def test_a_paired_run_logs_its_pair_term(tmp_path, first_vae):
+    log = train_dit.train(
+        train_dit.DiTTrainConfig(
+            vae=str(first_vae), out=str(tmp_path / "dit"), steps=2, batch=2, size=SIZE, clips=2, latent_frames=6,
+            pair_weight=1.0, log_every=1, **TINY_DIT,
+        )
+    )  # fmt: skip
+    assert log["steps"] == 2 and all(np.isfinite(h["pair_loss"]) for h in log["history"])
+    with pytest.raises(ValueError, match="even batch"):
+        train_dit.train(train_dit.DiTTrainConfig(vae=str(first_vae), out=str(tmp_path / "x"), batch=3, pair_weight=1))
+    streams = train_data.LatentStreams(torch.zeros(2, 4, 6, 4, 4), ["", ""], [0, 1])
+    with pytest.raises(ValueError, match="shape pairs"):
+        train_dit.train(
+            train_dit.DiTTrainConfig(vae=str(first_vae), out=str(tmp_path / "y"), batch=2, steps=1, pair_weight=1),
+            streams=streams,
+        )

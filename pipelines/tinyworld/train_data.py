@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 from collections.abc import Iterator
@@ -23,7 +24,17 @@ from diffusers import AutoencoderKLWan
 from stream_runtime.pipelines.wan.vae_stream import StreamingVAEEncoder
 
 from .model import NATIVE_SIZE, frames_to_pixels
-from .world import HELD_OUT_COUNT, caption, render, render_frames, sample_spec, split_of, train_seeds
+from .spec import SHAPES, SceneSpec
+from .world import (
+    HELD_OUT_COUNT,
+    caption,
+    held_out_captions,
+    render,
+    render_frames,
+    sample_spec,
+    split_of,
+    train_seeds,
+)
 
 START_FRAME_RANGE = 256
 """VAE clips start anywhere in the first this many frames of a scene's stream (the first frame of a clip is
@@ -145,9 +156,29 @@ def stream_pixel_frames(latent_frames: int, temporal_factor: int = 4) -> int:
     return 1 + temporal_factor * (latent_frames - 1)
 
 
-def _render_stream(args: tuple[int, int, int]) -> tuple[np.ndarray, str]:
-    seed, frames, size = args
+def shapes_rotated(spec: SceneSpec, k: int) -> SceneSpec:
+    """``spec`` with every object's shape moved ``k`` places along :data:`SHAPES` (circle -> square -> triangle
+    for ``k = 1``), all else equal: colours, sizes, motions, positions, speeds and background. The shapes have
+    equal areas at one size, so the two clips differ only along the objects' outlines."""
+    shapes = tuple(dataclasses.replace(s, shape=SHAPES[(SHAPES.index(s.shape) + k) % len(SHAPES)]) for s in spec.shapes)
+    return SceneSpec(shapes, spec.background)
+
+
+def shape_sibling(seed: int) -> int | None:
+    """The rotation ``k`` (1 or 2) of :func:`shapes_rotated` that makes the training scene ``seed``'s shape
+    sibling: the first whose caption is not a held-out caption, or None when both are (the seed is skipped)."""
     spec = sample_spec(seed)
+    for k in range(1, len(SHAPES)):
+        if caption(shapes_rotated(spec, k)) not in held_out_captions():
+            return k
+    return None
+
+
+def _render_stream(args: tuple[int, int, int, int]) -> tuple[np.ndarray, str]:
+    seed, frames, size, rotation = args
+    spec = sample_spec(seed)
+    if rotation:
+        spec = shapes_rotated(spec, rotation)
     return render(spec, frames, size, size), caption(spec)
 
 
@@ -160,7 +191,9 @@ class LatentStreams:
     captions: list[str]
     """The N captions."""
     seeds: list[int]
-    """The N training seeds."""
+    """The N training seeds (with ``paired``, each twice)."""
+    paired: bool = False
+    """Rows ``2i`` and ``2i + 1`` are a scene and its shape sibling (:func:`shapes_rotated`)."""
 
 
 @torch.no_grad()
@@ -172,16 +205,27 @@ def encode_streams(
     batch: int = 64,
     workers: int = 0,
     first_seed: int = 0,
+    shape_pairs: bool = False,
 ) -> LatentStreams:
     """Render ``count`` training scenes (training seeds from the ``first_seed``-th on) for ``latent_frames``
     latent frames and encode them with ``vae`` through the streaming encoder (the path a video input takes).
 
-    ``workers`` > 0 renders in that many processes (spawned: the parent may hold a CUDA context), a batch at a
-    time, so memory holds one batch of video. Latents are returned on the CPU.
+    ``shape_pairs``: ``count`` (even) rows of ``count / 2`` scenes, each followed by its shape sibling
+    (:func:`shape_sibling`; seeds without one are skipped). ``workers`` > 0 renders in that many processes
+    (spawned: the parent may hold a CUDA context), a batch at a time, so memory holds one batch of video.
+    Latents are returned on the CPU.
     """
-    seeds = list(itertools.islice(train_seeds(first_seed), count))
     frames = stream_pixel_frames(latent_frames, vae.config.scale_factor_temporal)
-    jobs = [(s, frames, size) for s in seeds]
+    if shape_pairs:
+        if count % 2:
+            raise ValueError(f"count: expected an even number of rows for shape pairs, got {count}")
+        siblings = ((s, shape_sibling(s)) for s in train_seeds(first_seed))
+        chosen = list(itertools.islice(((s, k) for s, k in siblings if k is not None), count // 2))
+        seeds = [s for s, _ in chosen for _ in (0, 1)]
+        jobs = [(s, frames, size, r) for s, k in chosen for r in (0, k)]
+    else:
+        seeds = list(itertools.islice(train_seeds(first_seed), count))
+        jobs = [(s, frames, size, 0) for s in seeds]
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=single_threaded_worker) if workers else None
     rendered = pool.map(_render_stream, jobs, chunksize=16) if pool else map(_render_stream, jobs)
@@ -197,4 +241,4 @@ def encode_streams(
     finally:
         if pool:
             pool.shutdown()
-    return LatentStreams(torch.cat(latents), captions, seeds)
+    return LatentStreams(torch.cat(latents), captions, seeds, paired=shape_pairs)

@@ -24,6 +24,15 @@ Objectives (``--objective``):
 - ``diffusion``: one sequence, each chunk with its own noise level (diffusion forcing); a random share of the
   chunks before the last are context instead (lightly noised, timestep 0, no loss).
 
+Shape pairs (``--pair-weight``). Shapes of one size have equal areas, so a circle and a square at one place differ
+in a few outline pixels: in the flow loss the shape word explains almost nothing, and models trained by it alone
+drew the prompt's colours and motions but ignored its shapes (the same blob for "circle", "square" and
+"triangle"). With a pair weight the data are scenes and their shape siblings (``train_data.shapes_rotated``: the
+same scene with every shape changed), a batch holds both halves of each pair with the same noise, noise levels,
+window and caption dropout, and the loss adds ``pair_weight`` times the squared error of the pair's difference
+of predictions against its difference of targets. That part is what the shape words (and the outlines in the
+noisy input) decide; the term weighs it ``1 + 2 * pair_weight`` times as much as the plain loss does.
+
 Noise levels are the stream's own shifted step list with probability ``grid_prob`` (few-step sampling only ever
 asks for those) and shifted-uniform otherwise. The loss is the MSE to the flow ``noise - x0`` (Wan's convention,
 ``pipelines.wan.sampling``). An EMA of the weights is what gets saved.
@@ -130,6 +139,9 @@ class DiTTrainConfig:
     unconditional flow that classifier-free guidance (``StreamConfig.guidance_scale``) steers away from."""
     grid_prob: float = 0.5
     """Share of chunk noise levels taken from the stream's shifted step list."""
+    pair_weight: float = 0.0
+    """Weight of the shape-pair term (see the module docstring); > 0 renders the data as shape pairs (``clips``
+    rows of ``clips / 2`` scenes) and needs an even ``batch``. 0: the plain loss, as before the term existed."""
     train_shift: float = 1.0
     """Shift of the shifted-uniform noise levels (1: uniform, as the stream's Euler levels are)."""
     chunk_frames: int = STREAM.chunk_frames
@@ -215,22 +227,32 @@ def flow_loss(
     stream: StreamConfig,
     grid: torch.Tensor,
     generator: torch.Generator,
+    paired: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of one batch of clean sequences ``x0 [B, C, T, h, w]`` (see the module docstring) and
-    its parts, detached (reading them is left to the logging steps: no host sync per step)."""
+    its parts, detached (reading them is left to the logging steps: no host sync per step).
+
+    ``paired``: rows ``i`` and ``B/2 + i`` are shape siblings; they get the same noise and noise levels, and the
+    loss adds ``cfg.pair_weight`` times the pair term (part ``"pair"``; part ``"loss"`` stays the plain loss)."""
     b, _, frames = x0.shape[:3]
     c = stream.chunk_frames
     chunks = frames // c
     device = x0.device
+    if paired and b % 2:
+        raise ValueError(f"paired: expected an even batch of [first halves | siblings], got {b} rows")
+    half = b // 2 if paired else b
+
+    def twin(v: torch.Tensor) -> torch.Tensor:  # one draw for both halves of each pair
+        return torch.cat([v, v]) if paired else v
 
     def per_frame(v: torch.Tensor) -> torch.Tensor:  # [B, chunks] -> [B, 1, T, 1, 1]
         return v.repeat_interleave(c, dim=1).to(device)[:, None, :, None, None]
 
     def randn() -> torch.Tensor:
-        return torch.randn(x0.shape, generator=generator).to(device)
+        return twin(torch.randn((half, *x0.shape[1:]), generator=generator)).to(device)
 
-    sigma = sample_sigmas(b, chunks, grid, cfg.grid_prob, cfg.train_shift, generator)
-    context_sigma = torch.rand(b, chunks, generator=generator) * cfg.context_noise
+    sigma = twin(sample_sigmas(half, chunks, grid, cfg.grid_prob, cfg.train_shift, generator))
+    context_sigma = twin(torch.rand(half, chunks, generator=generator) * cfg.context_noise)
     noise = randn()
     target = noise - x0
     if cfg.objective == "teacher":
@@ -245,9 +267,10 @@ def flow_loss(
         mask = teacher_forcing_mask(frames, stream, device)
         positions = list(range(frames)) * 2
         pred = net.forward_full(seq, t, text_kv, frame_mask=mask, frame_positions=positions)[:, :, frames:]
+        weight = None
         loss = (pred.float() - target).pow(2).mean()
     else:
-        context = torch.rand(b, chunks, generator=generator) < cfg.context_prob
+        context = twin(torch.rand(half, chunks, generator=generator) < cfg.context_prob)
         context[:, -1] = False  # the last chunk always learns
         level = torch.where(context, context_sigma, sigma)
         x_t = sampling.add_noise(x0, noise, per_frame(level))
@@ -256,7 +279,22 @@ def flow_loss(
         pred = net.forward_full(x_t, t.to(device), text_kv, frame_mask=mask)
         weight = per_frame((~context).float()).expand_as(target)
         loss = ((pred.float() - target).pow(2) * weight).sum() / weight.sum().clamp_min(1.0)
-    return loss, {"loss": loss.detach()}
+    parts = {"loss": loss.detach()}
+    if paired:
+        pair = pair_loss(pred.float(), target, None if weight is None else weight[:half])
+        parts["pair"] = pair.detach()
+        loss = loss + cfg.pair_weight * pair
+    return loss, parts
+
+
+def pair_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error of the siblings' difference of predictions against their difference of targets, over a
+    batch ``[first halves | siblings]`` (``weight``: per element of one half, as the plain loss weighs it)."""
+    half = pred.shape[0] // 2
+    error = (pred[:half] - pred[half:] - (target[:half] - target[half:])).pow(2)
+    if weight is None:
+        return error.mean()
+    return (error * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def caption_dropout(batch: int, prob: float, generator: torch.Generator) -> torch.Tensor | None:
@@ -382,6 +420,11 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         raise ValueError(f"objective: expected one of {OBJECTIVES}, got {cfg.objective!r}")
     if cfg.text not in ("train", "frozen"):
         raise ValueError(f"text: expected 'train' or 'frozen', got {cfg.text!r}")
+    if cfg.pair_weight < 0:
+        raise ValueError(f"pair_weight: expected >= 0, got {cfg.pair_weight}")
+    paired = cfg.pair_weight > 0
+    if paired and cfg.batch % 2:
+        raise ValueError(f"batch: expected an even batch for shape pairs (pair_weight > 0), got {cfg.batch}")
     stream = cfg.stream()
     check_stream_layout(stream)
     if cfg.threads is not None:
@@ -394,8 +437,16 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
     if streams is None:
         common.log(f"rendering and encoding {cfg.clips} training streams of {cfg.latent_frames} latent frames")
         streams = encode_streams(
-            vae, cfg.clips, cfg.latent_frames, cfg.size, batch=cfg.encode_batch, workers=cfg.workers
+            vae,
+            cfg.clips,
+            cfg.latent_frames,
+            cfg.size,
+            batch=cfg.encode_batch,
+            workers=cfg.workers,
+            shape_pairs=paired,
         )
+    if paired and not streams.paired:
+        raise ValueError("pair_weight > 0 needs streams rendered as shape pairs (encode_streams(shape_pairs=True))")
     latents = streams.latents.to(device)
     data_seconds = time.perf_counter() - stage_start
     std = latents.std().item()
@@ -431,11 +482,15 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         with torch.no_grad():
             empty_embeds = encode_tokens(text_encoder, empty_ids, empty_attn)
 
+    def twin(v: torch.Tensor | None) -> torch.Tensor | None:  # the same draw for both halves of each pair
+        return torch.cat([v, v]) if paired and v is not None else v
+
     def batch_at(rows: torch.Tensor) -> tuple[torch.Tensor, list]:
-        frames = sequence_frames(len(rows), stream, latents.shape[2], cfg.fresh_prob, generator).to(device)
+        count = len(rows) // 2 if paired else len(rows)
+        frames = twin(sequence_frames(count, stream, latents.shape[2], cfg.fresh_prob, generator)).to(device)
         rows = rows.to(device)
         x0 = latents[rows[:, None], :, frames].permute(0, 2, 1, 3, 4)  # [B, C, T, h, w]
-        drop = caption_dropout(len(rows), cfg.uncond_prob, generator)
+        drop = twin(caption_dropout(count, cfg.uncond_prob, generator))
         if cfg.text == "train":
             row_ids, row_attn = ids[rows], attn[rows]
             if drop is not None:
@@ -451,29 +506,40 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
 
     budget = cfg.minutes * 60 * (1 - common.SAVE_RESERVE) - (time.perf_counter() - stage_start)
     plan = common.StepPlan(cfg.steps, budget)
-    history, window, step = [], [], 0
+    history, window, pair_window, step = [], [], [], 0
     first_loss = None
     while not plan.done(step):
         lr = common.lr_at(step, plan.total(step), cfg.lr, cfg.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = torch.randint(n, (cfg.batch,), generator=generator)
+        if paired:  # [first halves | siblings] of batch / 2 pairs
+            pairs = 2 * torch.randint(n // 2, (cfg.batch // 2,), generator=generator)
+            rows = torch.cat([pairs, pairs + 1])
+        else:
+            rows = torch.randint(n, (cfg.batch,), generator=generator)
         with common.autocast(device):
             x0, text_kv = batch_at(rows)
-            loss, parts = flow_loss(net, x0, text_kv, cfg, stream, grid, generator)
+            loss, parts = flow_loss(net, x0, text_kv, cfg, stream, grid, generator, paired=paired)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         ema.update()
         window.append(parts["loss"])
+        if paired:
+            pair_window.append(parts["pair"])
         first_loss = parts["loss"].item() if first_loss is None else first_loss
         step += 1
         if step % cfg.log_every == 0 or plan.done(step):
             mean = torch.stack(window).mean().item()
-            history.append({"step": step, "seconds": plan.elapsed, "lr": lr, "loss": mean})
-            common.log(f"step {step}/{plan.total(step)}  loss {mean:.4f}  lr {lr:.2e}")
-            window = []
+            entry = {"step": step, "seconds": plan.elapsed, "lr": lr, "loss": mean}
+            pair_text = ""
+            if paired:
+                entry["pair_loss"] = torch.stack(pair_window).mean().item()
+                pair_text = f"  pair {entry['pair_loss']:.4f}"
+            history.append(entry)
+            common.log(f"step {step}/{plan.total(step)}  loss {mean:.4f}{pair_text}  lr {lr:.2e}")
+            window, pair_window = [], []
     train_seconds = plan.elapsed
 
     final = copy.deepcopy(both)
