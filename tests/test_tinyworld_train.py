@@ -12,7 +12,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from stream_runtime import StreamConfig, StreamPipeline
 from stream_runtime.cache import CacheLayout, RollingKVCache
-from stream_runtime.pipelines.tinyworld import eval_model, export, model, train_data, train_dit, train_vae
+from stream_runtime.pipelines.tinyworld import eval_model, export, model, shape_probe, train_data, train_dit, train_vae
 from stream_runtime.pipelines.tinyworld.spec import SHAPES
 from stream_runtime.pipelines.tinyworld.train_data import ClipDataset, pool_batch, render_pool
 from stream_runtime.pipelines.tinyworld.world import caption, sample_spec
@@ -434,3 +434,64 @@ def test_a_paired_run_logs_its_pair_term(tmp_path, first_vae):
             train_dit.DiTTrainConfig(vae=str(first_vae), out=str(tmp_path / "y"), batch=2, steps=1, pair_weight=1),
             streams=streams,
         )
+
+
+def test_a_4x_vae_and_a_transformer_moved_onto_its_latents_stream(tmp_path):
+    """``train_vae --spatial 4`` (16x16 latents at 64x64) and ``train_dit --init assets/tinyworld --fresh-io
+    --patch 2``: the shipped blocks keep their 8x8-pixel tokens, the patch embedding and output projection start
+    anew, and the exported folder streams at the native size."""
+    vae_dir, dit_dir, out = tmp_path / "vae", tmp_path / "dit", tmp_path / "model"
+    train_vae.train(
+        train_vae.VAETrainConfig(
+            out=str(vae_dir), steps=1, batch=2, frames=5, size=SIZE, stats_clips=2, eval_clips=0, spatial=4,
+            **TINY_VAE,
+        )
+    )  # fmt: skip
+    vae = AutoencoderKLWan.from_pretrained(vae_dir)
+    assert vae.config.scale_factor_spatial == 4
+    z = vae.encode(torch.zeros(1, 3, 5, SIZE, SIZE)).latent_dist.mode()
+    assert z.shape[-2:] == (SIZE // 4, SIZE // 4) and z.shape[2] == 2
+
+    shipped = model.shipped_model_path()
+    coarse = WanTransformer3DModel.from_pretrained(shipped / "transformer")
+    moved = train_dit.fresh_io(coarse, TINY_VAE["z_dim"], 2)
+    assert tuple(moved.config.patch_size) == (1, 2, 2) and moved.config.in_channels == TINY_VAE["z_dim"]
+    old, new = coarse.state_dict(), moved.state_dict()
+    for name, value in new.items():
+        if name.startswith(train_dit.FRESH_IO_PREFIXES):
+            assert value.shape != old[name].shape or not torch.equal(value, old[name]), name
+        else:
+            assert torch.equal(value, old[name]), name
+    with pytest.raises(ValueError, match="pass init"):
+        train_dit.train(train_dit.DiTTrainConfig(vae=str(vae_dir), out=str(dit_dir), fresh_io=True))
+
+    log = train_dit.train(
+        train_dit.DiTTrainConfig(
+            vae=str(vae_dir), out=str(dit_dir), init=str(shipped), fresh_io=True, patch=2, steps=1, batch=2,
+            size=SIZE, clips=2, latent_frames=6,
+        )
+    )  # fmt: skip
+    assert log["steps"] == 1 and np.isfinite(log["first_loss"])
+    assert train_dit.parse_args(["--vae", "v", "--out", "o", "--fresh-io"]).fresh_io
+    assert not train_dit.parse_args(["--vae", "v", "--out", "o"]).fresh_io
+    export.export(str(vae_dir), str(dit_dir), str(out))
+    pipe = StreamPipeline.from_pretrained(out)
+    assert pipe.spatial_factor == 8 and pipe.default_resolution == (SIZE, SIZE)
+    with pipe.session("a small red circle moving up on a grey background", seed=0) as s:
+        assert next(s).shape == (1, SIZE, SIZE, 3) and next(s).shape == (4, SIZE, SIZE, 3)
+
+
+def test_shape_probe_scores_predictions_by_the_siblings_difference(tmp_path):
+    torch.manual_seed(0)
+    target, sibling = torch.randn(2, 3, 4, 2, 2), torch.randn(2, 3, 4, 2, 2)
+    torch.testing.assert_close(shape_probe.explained(target, sibling, target, sibling), torch.ones(4))
+    same = torch.randn(2, 3, 4, 2, 2)
+    torch.testing.assert_close(shape_probe.explained(same, same, target, sibling), torch.zeros(4))
+    assert (shape_probe.explained(sibling, target, target, sibling) < -2).all()  # the difference backwards
+    result = shape_probe.main(
+        ["--model", str(model.shipped_model_path()), "--pairs", "2", "--levels", "1", "0.5", "--out",
+         str(tmp_path / "probe.json")]
+    )  # fmt: skip
+    assert [r["level"] for r in result["levels"]] == [1.0, 0.5]
+    assert all(len(r["per_frame"]) == result["frames"] and r["first_frame"] <= 1.0 for r in result["levels"])
+    assert json.loads((tmp_path / "probe.json").read_text())["pairs"] == 2

@@ -79,17 +79,25 @@ UNKNOWN_WORDS = "error"
 """The model knows only the caption grammar's words: any other word is an error that lists the known ones."""
 
 
-def vae_config(base_dim: int = 12, z_dim: int = 16, **overrides) -> dict[str, Any]:
+VAE_SPATIAL_FACTORS = (8, 4)
+
+
+def vae_config(base_dim: int = 12, z_dim: int = 16, spatial: int = 8, **overrides) -> dict[str, Any]:
     """Keyword arguments of the tiny ``AutoencoderKLWan``: Wan2.1's 4x temporal / 8x spatial factors (three
-    spatial downsamples, the last two also temporal) with few channels. ``latents_mean/std`` are placeholders
-    until ``train_vae`` measures them on encoded training clips."""
+    spatial downsamples, the last two also temporal) with few channels, or with ``spatial=4`` two downsamples,
+    both also temporal (a 64x64 frame becomes 16x16 latents: a small shape spans latent pixels instead of
+    hiding its outline inside one). ``latents_mean/std`` are placeholders until ``train_vae`` measures them on
+    encoded training clips."""
+    if spatial not in VAE_SPATIAL_FACTORS:
+        raise ValueError(f"spatial: expected one of {VAE_SPATIAL_FACTORS}, got {spatial}")
     config = dict(
         base_dim=base_dim,
         z_dim=z_dim,
-        dim_mult=[1, 2, 2, 2],
+        dim_mult=[1, 2, 2, 2] if spatial == 8 else [1, 2, 2],
         num_res_blocks=1,
         attn_scales=[],
-        temperal_downsample=[False, True, True],
+        temperal_downsample=[False, True, True] if spatial == 8 else [True, True],
+        scale_factor_spatial=spatial,
         dropout=0.0,
         latents_mean=[0.0] * z_dim,
         latents_std=[1.0] * z_dim,

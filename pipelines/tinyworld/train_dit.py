@@ -156,6 +156,11 @@ class DiTTrainConfig:
     log_every: int = 50
     threads: int | None = None
     """CPU threads for torch (None: torch's default); the CPU fine-tunes of the shipped model used 1."""
+    fresh_io: bool = False
+    """With ``init``: a transformer for another VAE's latents (e.g. ``train_vae --spatial 4``): keep ``init``'s
+    blocks, embedders and modulation (what a token of 8x8 pixels means to them stays: pick ``patch`` so that a
+    token covers as many pixels as ``init``'s did) and start a fresh patch embedding and output projection
+    (:func:`fresh_io`)."""
     init: str | None = None
     """Continue from an earlier run's folder (its ``transformer/`` and ``text_encoder/``; their shapes win over
     ``layers``/``heads``/... and the stream must match): chains 10-minute runs into a longer training."""
@@ -379,6 +384,26 @@ def repatch(wan: WanTransformer3DModel, patch: int) -> WanTransformer3DModel:
     return new
 
 
+FRESH_IO_PREFIXES = ("patch_embedding.", "proj_out.")
+"""Parameters of ``WanTransformer3DModel`` that touch the latents' channels and patches: all :func:`fresh_io`
+starts anew."""
+
+
+def fresh_io(wan: WanTransformer3DModel, channels: int, patch: int, seed: int = 0) -> WanTransformer3DModel:
+    """``wan`` for latents of ``channels`` channels in ``patch x patch`` patches: a new model whose weights are
+    ``wan``'s except the patch embedding and the output projection (freshly initialised from ``seed``)."""
+    config = {k: v for k, v in wan.config.items() if not k.startswith("_")}
+    config.update(patch_size=(1, patch, patch), in_channels=channels, out_channels=channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = WanTransformer3DModel(**config).to(next(wan.parameters()).dtype)
+    kept = {k: v for k, v in wan.state_dict().items() if not k.startswith(FRESH_IO_PREFIXES)}
+    missing, unexpected = new.load_state_dict(kept, strict=False)
+    if unexpected or not all(k.startswith(FRESH_IO_PREFIXES) for k in missing):
+        raise ValueError(f"fresh_io: unexpected parameters {unexpected} / {missing}")
+    return new
+
+
 def build_models(cfg: DiTTrainConfig, vae: AutoencoderKLWan, vocab_size: int):
     if cfg.init is not None:
         trained, _ = load_trained_for(cfg.init)
@@ -389,6 +414,8 @@ def build_models(cfg: DiTTrainConfig, vae: AutoencoderKLWan, vocab_size: int):
         folder = pathlib.Path(cfg.init)
         wan = WanTransformer3DModel.from_pretrained(folder / "transformer")
         text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder")
+        if cfg.fresh_io:
+            wan = fresh_io(wan, vae.config.z_dim, cfg.patch or 2, cfg.seed)
         if wan.config.in_channels != vae.config.z_dim or text_encoder.config.vocab_size != vocab_size:
             raise ValueError(f"init: {cfg.init!r} does not fit this VAE's latents or this tokenizer")
         if cfg.patch is not None and cfg.patch != wan.config.patch_size[-1]:
@@ -420,6 +447,8 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         raise ValueError(f"objective: expected one of {OBJECTIVES}, got {cfg.objective!r}")
     if cfg.text not in ("train", "frozen"):
         raise ValueError(f"text: expected 'train' or 'frozen', got {cfg.text!r}")
+    if cfg.fresh_io and cfg.init is None:
+        raise ValueError("fresh_io: keeps an init's blocks; pass init")
     if cfg.pair_weight < 0:
         raise ValueError(f"pair_weight: expected >= 0, got {cfg.pair_weight}")
     paired = cfg.pair_weight > 0
@@ -609,6 +638,8 @@ def parse_args(argv: list[str] | None = None) -> DiTTrainConfig:
         value = getattr(defaults, field.name)
         if field.name in ("steps", "threads", "patch"):
             parser.add_argument(flag, type=int, default=None)
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action="store_true")
         elif field.name == "init":
             parser.add_argument(flag, default=None, help="folder of an earlier run to continue from")
         elif field.name == "timesteps":

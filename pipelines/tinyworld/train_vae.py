@@ -72,6 +72,8 @@ class VAETrainConfig:
     """Weight of the L1 between the reconstruction's and the clip's spatial differences (see :func:`vae_loss`)."""
     base_dim: int = 12
     z_dim: int = 16
+    spatial: int = 8
+    """Spatial factor of a new VAE (``model.vae_config``): 8 (Wan2.1's) or 4 (16x16 latents at 64x64)."""
     workers: int = 0
     """Rendering processes (DataLoader workers, or the pool's renderers)."""
     pool: int = 0
@@ -253,7 +255,8 @@ def train(cfg: VAETrainConfig) -> dict:
     elif cfg.freeze_encoder:
         raise ValueError("freeze_encoder: needs init (the VAE whose encoder and latent space to keep)")
     else:
-        vae = AutoencoderKLWan(**vae_config(base_dim=cfg.base_dim, z_dim=cfg.z_dim)).to(device).train()
+        config = vae_config(base_dim=cfg.base_dim, z_dim=cfg.z_dim, spatial=cfg.spatial)
+        vae = AutoencoderKLWan(**config).to(device).train()
     if cfg.freeze_encoder:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
@@ -367,6 +370,7 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     parser.add_argument("--edge-weight", type=float, default=defaults.edge_weight)
     parser.add_argument("--base-dim", type=int, default=defaults.base_dim)
     parser.add_argument("--z-dim", type=int, default=defaults.z_dim)
+    parser.add_argument("--spatial", type=int, choices=(8, 4), default=defaults.spatial, help="spatial factor")
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument("--pool", type=int, default=defaults.pool)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=defaults.precision)
