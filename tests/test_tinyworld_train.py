@@ -495,3 +495,41 @@ def test_shape_probe_scores_predictions_by_the_siblings_difference(tmp_path):
     assert [r["level"] for r in result["levels"]] == [1.0, 0.5]
     assert all(len(r["per_frame"]) == result["frames"] and r["first_frame"] <= 1.0 for r in result["levels"])
     assert json.loads((tmp_path / "probe.json").read_text())["pairs"] == 2
+
+
+def test_compiled_training_passes_match_eager(tmp_path, first_vae):
+    """``train_dit --compile``: the loss and the gradients of the compiled block halves equal eager's (traced and
+    run through AOTAutograd here; inductor's code generation of the forward is held by ``test_compile.py``, and
+    compiling a backward with inductor costs minutes on this CPU)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**model.vae_config(**TINY_VAE))
+    cfg = train_dit.DiTTrainConfig(vae="", out="", **TINY_DIT)
+    tokenizer = model.build_tokenizer()
+    wan, text_encoder = train_dit.build_models(cfg, vae, len(tokenizer))
+    stream, grid = model.STREAM, torch.tensor([0.9, 0.5])
+    frames = model.stream_sequence_frames(stream)
+    x0 = torch.randn(2, vae.config.z_dim, frames, SIZE // 8, SIZE // 8)
+    ids, mask = model.tokenize(tokenizer, [caption(sample_spec(s)) for s in (5, 6)])
+    results = []
+    for compiled in (False, True):
+        net = StreamingWanTransformer(wan)
+        if compiled:
+            net.compile_blocks(backend="aot_eager")
+        wan.zero_grad()
+        text_kv = net.text_kv(model.encode_tokens(text_encoder, ids, mask).detach())
+        loss, _ = train_dit.flow_loss(net, x0, text_kv, cfg, stream, grid, torch.Generator().manual_seed(0))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in wan.parameters()]))
+    (eager, eager_grads), (fast, fast_grads) = results
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert any(g.abs().sum() > 0 for g in fast_grads)
+    log = train_dit.train(
+        train_dit.DiTTrainConfig(
+            vae=str(first_vae), out=str(tmp_path / "dit"), steps=2, batch=2, size=SIZE, clips=2, latent_frames=6,
+            compile="aot_eager", **TINY_DIT,
+        )
+    )  # fmt: skip
+    assert log["steps"] == 2 and log["config"]["compile"] == "aot_eager"
+    assert train_dit.parse_args(["--vae", "v", "--out", "o", "--compile", "inductor"]).compile == "inductor"

@@ -153,6 +153,11 @@ class DiTTrainConfig:
     workers: int = 0
     """Processes rendering the training streams."""
     encode_batch: int = 256
+    compile: str | None = None
+    """A ``torch.compile`` backend (``inductor`` on a GPU) for the transformer's block halves and RoPE in the
+    training passes (``StreamingWanTransformer.compile_blocks``; attention stays SDPA): fewer, fused kernels for
+    a model whose steps are short. None: eager. The first steps pay the compile time; the saved weights are the
+    same modules'."""
     log_every: int = 50
     threads: int | None = None
     """CPU threads for torch (None: torch's default); the CPU fine-tunes of the shipped model used 1."""
@@ -486,6 +491,8 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
     wan, text_encoder = build_models(cfg, vae, len(tokenizer))
     wan, text_encoder = wan.to(device).train(), text_encoder.to(device)
     net = StreamingWanTransformer(wan)
+    if cfg.compile is not None:
+        net.compile_blocks(backend=cfg.compile)
     trainable = list(wan.parameters())
     if cfg.text == "train":
         text_encoder.train()
@@ -642,6 +649,8 @@ def parse_args(argv: list[str] | None = None) -> DiTTrainConfig:
             parser.add_argument(flag, action="store_true")
         elif field.name == "init":
             parser.add_argument(flag, default=None, help="folder of an earlier run to continue from")
+        elif field.name == "compile":
+            parser.add_argument(flag, default=None, help="torch.compile backend of the block halves (inductor)")
         elif field.name == "timesteps":
             parser.add_argument(flag, type=float, nargs="+", default=list(value))
         else:
