@@ -6,10 +6,12 @@ from conftest import assert_close
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+from stream_runtime import StreamPipeline
 from stream_runtime.pipelines.wan.vae_stream import (
     CausalConvCache,
     StreamingVAEDecoder,
     StreamingVAEEncoder,
+    conv3d_onednn,
     conv_weights_channels_last,
     denormalize_latents,
     frames_per_latent,
@@ -228,3 +230,45 @@ def test_cache_slots_that_view_a_larger_buffer_are_compacted():
     owned_ptr = owned_slot.data_ptr()
     cache.compact()
     assert cache.slots[1].data_ptr() == owned_ptr  # a slot that owns its storage is not copied again
+
+
+def test_conv3d_through_onednn_gives_the_default_paths_output(vae, monkeypatch):
+    """``conv3d_onednn``: streamed decode and encode equal PyTorch's own conv path; the oneDNN op really runs
+    (counted); with gradients the layers keep their own forward, and ``enabled=False`` removes the routing."""
+    latents, video = _latents(vae), _video(vae, 9)
+    with torch.no_grad():
+        expected = _decode_in_chunks(StreamingVAEDecoder(vae), latents, [1, 2, 3])
+        expected_z = StreamingVAEEncoder(vae).encode(video)
+    calls = []
+    onednn = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *args: calls.append(1) or onednn(*args))
+    convs = sum(isinstance(m, torch.nn.Conv3d) for m in vae.modules())
+    assert conv3d_onednn(vae) == convs > 0
+    try:
+        with torch.no_grad():
+            actual = _decode_in_chunks(StreamingVAEDecoder(vae), latents, [1, 2, 3])
+            actual_z = StreamingVAEEncoder(vae).encode(video)
+        assert len(calls) > convs
+        assert_close(actual, expected)
+        assert_close(actual_z, expected_z)
+        calls.clear()
+        conv = next(m for m in vae.modules() if isinstance(m, torch.nn.Conv3d))
+        x = torch.randn(1, conv.in_channels, 3, 4, 4, requires_grad=True)
+        conv(x).sum().backward()  # training: the layer's own forward, with autograd
+        assert not calls and x.grad is not None and x.grad.abs().sum() > 0
+    finally:
+        conv3d_onednn(vae, False)
+    assert not any("_conv_forward" in m.__dict__ for m in vae.modules())
+
+
+def test_the_cpu_pipeline_routes_its_vae_convs_while_eager():
+    pipe = StreamPipeline.tiny_random()
+
+    def routed():
+        return any("_conv_forward" in m.__dict__ for m in pipe.vae.modules())
+
+    assert routed()
+    pipe.compile(backend="eager")  # a compiled VAE picks its own kernels
+    assert not routed()
+    pipe.compile(False)
+    assert routed()

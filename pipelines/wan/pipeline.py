@@ -30,7 +30,7 @@ from . import presets
 from .taehv import TAEHV, StreamingTAEHVDecoder, load_taehv
 from .text import PromptEncoder, build_word_tokenizer
 from .transformer import StreamingWanTransformer
-from .vae_stream import StreamingVAEDecoder, conv_weights_channels_last, tiny_vae_config
+from .vae_stream import StreamingVAEDecoder, conv3d_onednn, conv_weights_channels_last, tiny_vae_config
 
 RUNTIME_FILE = "stream_runtime.json"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
@@ -80,6 +80,7 @@ class StreamPipeline:
         self.transformer = transformer
         self.net = StreamingWanTransformer(transformer)
         self.vae = vae
+        self._route_vae_convs()
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.cuda_graphs = False
@@ -154,6 +155,8 @@ class StreamPipeline:
             pipe.compile()  # then warm it up with one short session before serving
         """
         self.net.compile_blocks(enabled, backend=backend, mode=mode)
+        self._compiled = enabled
+        self._route_vae_convs()
         if self.device.type == "cuda":
             conv_weights_channels_last(self.vae, enabled)
         for module in (self.vae.decoder, self.vae.encoder):
@@ -379,7 +382,15 @@ class StreamPipeline:
         modules.append(self.text_encoder)
         for m in modules:
             m.eval().requires_grad_(False)
+        self._route_vae_convs()
         return self
+
+    def _route_vae_convs(self) -> None:
+        """The VAE's Conv3d layers through oneDNN while it runs eagerly on the CPU (:func:`conv3d_onednn`: the
+        default CPU path for its batch-1 3x3x3 convolutions is several times slower); as PyTorch chooses on a GPU
+        or when compiled."""
+        on_cpu = next(self.vae.parameters()).device.type == "cpu"
+        conv3d_onednn(self.vae, on_cpu and not getattr(self, "_compiled", False))
 
     def save_pretrained(self, path: str | pathlib.Path) -> None:
         """Write the diffusers-layout folder (and ``stream_runtime.json``) that :meth:`from_pretrained` reads."""
