@@ -252,8 +252,8 @@ def flow_loss(
         raise ValueError(f"paired: expected an even batch of [first halves | siblings], got {b} rows")
     half = b // 2 if paired else b
 
-    def twin(v: torch.Tensor) -> torch.Tensor:  # one draw for both halves of each pair
-        return torch.cat([v, v]) if paired else v
+    def twin(v: torch.Tensor) -> torch.Tensor:
+        return twin_draw(v, paired)
 
     def per_frame(v: torch.Tensor) -> torch.Tensor:  # [B, chunks] -> [B, 1, T, 1, 1]
         return v.repeat_interleave(c, dim=1).to(device)[:, None, :, None, None]
@@ -295,6 +295,11 @@ def flow_loss(
         parts["pair"] = pair.detach()
         loss = loss + cfg.pair_weight * pair
     return loss, parts
+
+
+def twin_draw(v: torch.Tensor | None, paired: bool) -> torch.Tensor | None:
+    """One random draw for both halves ``[first halves | siblings]`` of a paired batch (``v`` as is unpaired)."""
+    return torch.cat([v, v]) if paired and v is not None else v
 
 
 def pair_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -518,8 +523,8 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         with torch.no_grad():
             empty_embeds = encode_tokens(text_encoder, empty_ids, empty_attn)
 
-    def twin(v: torch.Tensor | None) -> torch.Tensor | None:  # the same draw for both halves of each pair
-        return torch.cat([v, v]) if paired and v is not None else v
+    def twin(v: torch.Tensor | None) -> torch.Tensor | None:
+        return twin_draw(v, paired)
 
     def batch_at(rows: torch.Tensor) -> tuple[torch.Tensor, list]:
         count = len(rows) // 2 if paired else len(rows)

@@ -80,6 +80,8 @@ class StreamPipeline:
         self.transformer = transformer
         self.net = StreamingWanTransformer(transformer)
         self.vae = vae
+        self._compiled = False
+        """:meth:`compile` is on (the VAE then runs the kernels its graphs chose, not :func:`conv3d_onednn`)."""
         self._route_vae_convs()
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -390,7 +392,7 @@ class StreamPipeline:
         default CPU path for its batch-1 3x3x3 convolutions is several times slower); as PyTorch chooses on a GPU
         or when compiled."""
         on_cpu = next(self.vae.parameters()).device.type == "cpu"
-        conv3d_onednn(self.vae, on_cpu and not getattr(self, "_compiled", False))
+        conv3d_onednn(self.vae, on_cpu and not self._compiled)
 
     def save_pretrained(self, path: str | pathlib.Path) -> None:
         """Write the diffusers-layout folder (and ``stream_runtime.json``) that :meth:`from_pretrained` reads."""
