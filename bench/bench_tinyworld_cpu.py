@@ -2,16 +2,19 @@
 
 Usage::
 
-    python bench/bench_tinyworld_cpu.py [--model assets/tinyworld] [--threads 2] [--seconds 20] [--compare-conv3d]
+    python bench/bench_tinyworld_cpu.py [--model assets/tinyworld] [--threads 2] [--seconds 20] \
+        [--compare-defaults [conv3d norm rope]]
 
 Streams held-out prompts through ``StreamPipeline.from_pretrained(model).session`` (sink + rolling cache, the
 folder's stream) and reports, per prompt and overall: frames per second end to end (session start, prompt
 encoding, denoising, context pass, VAE decode, copy to uint8), the median steady-state frame rate and chunk
 latency. Without ``--model`` (or when the folder is missing) it builds the tiny-world shapes with random
 weights: the work per frame does not depend on the weight values, so the figures hold for the trained model
-(the JSON says which was measured). ``--compare-conv3d`` streams every prompt twice, alternating, with the VAE's
-Conv3d layers through oneDNN (the pipeline's CPU default, ``vae_stream.conv3d_onednn``) and through PyTorch's own
-CPU path, and reports both. Writes ``bench/results/tinyworld_cpu_<date>.json`` and ``.md``.
+(the JSON says which was measured). ``--compare-defaults`` streams every prompt twice, alternating: with the
+pipeline's CPU paths and with the named ones (all three when none is named) as PyTorch and diffusers run them:
+``conv3d`` the VAE's Conv3d layers (``vae_stream.conv3d_onednn``), ``norm`` its RMS norms
+(``vae_stream.rms_norms_rsqrt``), ``rope`` the transformer's RoPE (``rope.apply_rope``'s complex product); it
+reports both. Writes ``bench/results/tinyworld_cpu_<date>.json`` and ``.md``.
 
 The issue's target: at least 12 frames per second end to end on the 2-core CI machine.
 """
@@ -51,6 +54,28 @@ def random_weights_folder(root: pathlib.Path) -> pathlib.Path:
     return folder
 
 
+def _conv3d(pipe, pipeline: bool) -> None:
+    from stream_runtime.pipelines.wan.vae_stream import conv3d_onednn
+
+    conv3d_onednn(pipe.vae, pipeline)
+
+
+def _norm(pipe, pipeline: bool) -> None:
+    from stream_runtime.pipelines.wan.vae_stream import rms_norms_rsqrt
+
+    rms_norms_rsqrt(pipe.vae, pipeline)
+
+
+def _rope(pipe, pipeline: bool) -> None:
+    from stream_runtime.pipelines.wan.rope import apply_rope, apply_rope_real
+
+    pipe.net._regions.rope = apply_rope if pipeline else apply_rope_real  # the eager block regions' RoPE
+
+
+DEFAULT_PATHS = {"conv3d": _conv3d, "norm": _norm, "rope": _rope}
+"""CPU paths the pipeline chooses, each switched to the pipeline's choice (True) or to PyTorch's/diffusers' own."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="assets/tinyworld", help="model folder (random weights if missing)")
@@ -59,7 +84,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="stream length per prompt (video seconds)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument(
-        "--compare-conv3d", action="store_true", help="also stream each prompt with PyTorch's default Conv3d path"
+        "--compare-defaults",
+        nargs="*",
+        choices=sorted(DEFAULT_PATHS),
+        default=None,
+        help="also stream each prompt with these CPU paths as PyTorch/diffusers run them (none named: all)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -67,7 +96,6 @@ def main() -> None:
     from stream_runtime.pipelines.tinyworld.model import FPS
     from stream_runtime.pipelines.tinyworld.world import caption, held_out_seeds, sample_spec
     from stream_runtime.pipelines.wan.pipeline import StreamPipeline
-    from stream_runtime.pipelines.wan.vae_stream import conv3d_onednn
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(args.model)
@@ -79,12 +107,13 @@ def main() -> None:
         runs = []
         with pipe.session(caption(sample_spec(held_out_seeds()[-1])), seed=0) as warm:  # first-call costs
             next(warm), next(warm)
-        variants = {"onednn": True, "default": False} if args.compare_conv3d else {"pipeline": None}
+        compare = None if args.compare_defaults is None else sorted(args.compare_defaults or DEFAULT_PATHS)
+        variants = ["pipeline"] + (["default: " + " ".join(compare)] if compare else [])
         for seed in held_out_seeds()[: args.prompts]:
             prompt = caption(sample_spec(seed))
-            for conv3d, onednn in variants.items():
-                if onednn is not None:
-                    conv3d_onednn(pipe.vae, onednn)
+            for variant in variants:
+                for name in compare or []:
+                    DEFAULT_PATHS[name](pipe, variant == "pipeline")
                 start = time.perf_counter()
                 latencies, frames = [], 0
                 with pipe.session(prompt, seed=seed) as session:
@@ -97,7 +126,7 @@ def main() -> None:
                 runs.append(
                     {
                         "prompt": prompt,
-                        "conv3d": conv3d,
+                        "cpu_paths": variant,
                         "frames": frames,
                         "fps_end_to_end": frames / seconds,
                         "chunk_latency_s_median": statistics.median(latencies[1:]),
@@ -117,13 +146,13 @@ def main() -> None:
             for k, v in vars(pipe.stream_config()).items()
             if k in ("chunk_frames", "sink_frames", "window_frames", "timesteps", "context_pass")
         },
-        "fps_end_to_end_median": statistics.median(r["fps_end_to_end"] for r in runs if r["conv3d"] != "default"),
-        "steady_fps_median": statistics.median(r["steady_fps"] for r in runs if r["conv3d"] != "default"),
+        "fps_end_to_end_median": statistics.median(r["fps_end_to_end"] for r in runs if r["cpu_paths"] == "pipeline"),
+        "steady_fps_median": statistics.median(r["steady_fps"] for r in runs if r["cpu_paths"] == "pipeline"),
         "runs": runs,
     }
-    if args.compare_conv3d:
-        result["conv3d_default_fps_end_to_end_median"] = statistics.median(
-            r["fps_end_to_end"] for r in runs if r["conv3d"] == "default"
+    if compare:
+        result["defaults_fps_end_to_end_median"] = statistics.median(
+            r["fps_end_to_end"] for r in runs if r["cpu_paths"] != "pipeline"
         )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,17 +160,17 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     command = " ".join(sys.argv[1:])
     rows = "\n".join(
-        f"| {r['conv3d']} | {r['frames']} | {r['fps_end_to_end']:.1f} | {r['steady_fps']:.1f} "
+        f"| {r['cpu_paths']} | {r['frames']} | {r['fps_end_to_end']:.1f} | {r['steady_fps']:.1f} "
         f"| {1000 * r['chunk_latency_s_median']:.0f} | {1000 * r['chunk_latency_s_p99']:.0f} |"
         for r in runs
     )
     stem.with_suffix(".md").write_text(
         f"# Tiny-world on CPU ({result['date']}, {result['machine']}, {args.threads} threads, {weights} weights)\n\n"
-        "| VAE Conv3d | frames | FPS end to end | steady FPS | chunk ms p50 | chunk ms p99 |\n"
+        "| CPU paths | frames | FPS end to end | steady FPS | chunk ms p50 | chunk ms p99 |\n"
         f"|---|---|---|---|---|---|\n{rows}\n\nCommand: `python bench/bench_tinyworld_cpu.py {command}`\n"
     )
-    if args.compare_conv3d:
-        print(f"PyTorch's default Conv3d path: {result['conv3d_default_fps_end_to_end_median']:.1f} FPS end to end")
+    if compare:
+        print(f"{variants[1]}: {result['defaults_fps_end_to_end_median']:.1f} FPS end to end")
     print(
         f"end to end {result['fps_end_to_end_median']:.1f} FPS (median of {args.prompts} prompts), "
         f"steady {result['steady_fps_median']:.1f} FPS; wrote {stem}.json/.md"

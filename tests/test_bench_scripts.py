@@ -35,6 +35,15 @@ def test_bench_pacing_random_tiny(tmp_path):
     assert row["frames"] == 16 and row["interval_p50_ms"] > 0
 
 
+def test_bench_tinyworld_cpu_compares_default_paths(tmp_path):
+    args = ["--prompts", "1", "--seconds", "0.5", "--threads", "1", "--compare-defaults"]
+    run(tmp_path, "bench/bench_tinyworld_cpu.py", *args)
+    (result,) = tmp_path.glob("tinyworld_cpu_*.json")
+    report = json.loads(result.read_text())
+    assert [r["cpu_paths"] for r in report["runs"]] == ["pipeline", "default: conv3d norm rope"]
+    assert report["weights"] == "trained" and report["defaults_fps_end_to_end_median"] > 0
+
+
 def test_bench_latent_decoder_variants(tmp_path):
     """The channels-last variant (the full-size Wan VAE at 32x32: slow to build, so only this one)."""
     args = ["--sizes", "32x32", "--decoders", "vae_channels_last", "--latent-frames", "4", "--warmup", "1"]

@@ -5,6 +5,7 @@ import torch
 from conftest import assert_close
 from helpers import make_cache, tiny_net
 
+from stream_runtime.pipelines.wan.rope import apply_rope, apply_rope_real, rope_cos_sin
 from stream_runtime.pipelines.wan.transformer import block_causal_mask
 
 C, LH, LW = 4, 4, 6  # latent channels and size: a 2 x 3 patch grid
@@ -30,6 +31,26 @@ def test_block_code_matches_diffusers_forward():
     expected = net.wan(x, t, embeds, return_dict=False)[0]
     actual = net.forward_full(x, t, net.text_kv(embeds))
     assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_complex_rope_equals_real_form(dtype):
+    """The CPU's complex-product RoPE against the real form, on contiguous, strided (a cache slice, a head view)
+    and odd-offset inputs, with shared and per-row tables."""
+    gen = torch.Generator().manual_seed(0)
+    cos, sin = rope_cos_sin([0, 5, 9], (2, 3), 32)  # [18, 1, 16]
+    base = torch.randn(3, 40, 4, 32, generator=gen).to(dtype)
+    views = {
+        "contiguous": base[:2, :18],
+        "token slice": base[:, 7:25],
+        "heads of a fused projection": torch.randn(2, 18, 12, 32, generator=gen).to(dtype)[:, :, 4:8],
+        "odd offset": torch.randn(2 * 18 * 4 * 32 + 1, generator=gen).to(dtype)[1:].view(2, 18, 4, 32),
+    }
+    for x in views.values():
+        assert_close(apply_rope(x, cos, sin), apply_rope_real(x, cos, sin))
+    per_row = (torch.stack([cos, cos.flip(0)]), torch.stack([sin, sin.flip(0)]))  # [2, 18, 1, 16]
+    x = views["contiguous"]
+    assert_close(apply_rope(x, *per_row), apply_rope_real(x, *per_row))
 
 
 def stream_vs_full(net, chunk, num_chunks, sink, window, mode, t=412.0, evicting=False):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import assert_close
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
 from stream_runtime import StreamPipeline
 from stream_runtime.pipelines.wan.vae_stream import (
@@ -16,6 +16,7 @@ from stream_runtime.pipelines.wan.vae_stream import (
     denormalize_latents,
     frames_per_latent,
     normalize_latents,
+    rms_norms_rsqrt,
     tiny_vae_config,
 )
 
@@ -261,11 +262,41 @@ def test_conv3d_through_onednn_gives_the_default_paths_output(vae, monkeypatch):
     assert not any("_conv_forward" in m.__dict__ for m in vae.modules())
 
 
+def test_rsqrt_rms_norms_give_diffusers_output(vae, monkeypatch):
+    """``rms_norms_rsqrt``: every norm of the VAE rerouted (diffusers' ``F.normalize`` no longer runs); streamed
+    decode and encode equal diffusers' norms, a zero input stays zero (the eps clamp), and ``enabled=False``
+    removes the routing."""
+    latents, video = _latents(vae), _video(vae, 9)
+    with torch.no_grad():
+        expected = _decode_in_chunks(StreamingVAEDecoder(vae), latents, [1, 2, 3])
+        expected_z = StreamingVAEEncoder(vae).encode(video)
+    calls = []
+    normalize = torch.nn.functional.normalize
+    monkeypatch.setattr(torch.nn.functional, "normalize", lambda *a, **k: calls.append(1) or normalize(*a, **k))
+    norms = [m for m in vae.modules() if isinstance(m, WanRMS_norm)]
+    assert rms_norms_rsqrt(vae) == len(norms) > 0
+    try:
+        with torch.no_grad():
+            actual = _decode_in_chunks(StreamingVAEDecoder(vae), latents, [1, 2, 3])
+            actual_z = StreamingVAEEncoder(vae).encode(video)
+            zero = torch.zeros(1, norms[0].gamma.shape[0], 2, 3, 3)
+            assert norms[0](zero).abs().max() == 0
+        assert_close(actual, expected)
+        assert_close(actual_z, expected_z)
+        assert not calls
+    finally:
+        rms_norms_rsqrt(vae, False)
+    assert not any("forward" in m.__dict__ for m in norms)
+
+
 def test_the_cpu_pipeline_routes_its_vae_convs_while_eager():
     pipe = StreamPipeline.tiny_random()
 
     def routed():
-        return any("_conv_forward" in m.__dict__ for m in pipe.vae.modules())
+        convs = any("_conv_forward" in m.__dict__ for m in pipe.vae.modules())
+        norms = [("forward" in m.__dict__) for m in pipe.vae.modules() if isinstance(m, WanRMS_norm)]
+        assert norms and all(n == convs for n in norms)
+        return convs
 
     assert routed()
     pipe.compile(backend="eager")  # a compiled VAE picks its own kernels

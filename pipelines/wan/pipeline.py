@@ -30,7 +30,7 @@ from . import presets
 from .taehv import TAEHV, StreamingTAEHVDecoder, load_taehv
 from .text import PromptEncoder, build_word_tokenizer
 from .transformer import StreamingWanTransformer
-from .vae_stream import StreamingVAEDecoder, conv3d_onednn, conv_weights_channels_last, tiny_vae_config
+from .vae_stream import StreamingVAEDecoder, conv3d_onednn, conv_weights_channels_last, rms_norms_rsqrt, tiny_vae_config
 
 RUNTIME_FILE = "stream_runtime.json"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
@@ -81,7 +81,8 @@ class StreamPipeline:
         self.net = StreamingWanTransformer(transformer)
         self.vae = vae
         self._compiled = False
-        """:meth:`compile` is on (the VAE then runs the kernels its graphs chose, not :func:`conv3d_onednn`)."""
+        """:meth:`compile` is on (the VAE then runs the kernels its graphs chose, not :func:`conv3d_onednn` and
+        :func:`rms_norms_rsqrt`)."""
         self._route_vae_convs()
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -388,11 +389,12 @@ class StreamPipeline:
         return self
 
     def _route_vae_convs(self) -> None:
-        """The VAE's Conv3d layers through oneDNN while it runs eagerly on the CPU (:func:`conv3d_onednn`: the
-        default CPU path for its batch-1 3x3x3 convolutions is several times slower); as PyTorch chooses on a GPU
-        or when compiled."""
+        """The VAE's Conv3d layers through oneDNN and its RMS norms as a sum of squares and an ``rsqrt`` while it runs
+        eagerly on the CPU (:func:`conv3d_onednn`, :func:`rms_norms_rsqrt`: PyTorch's default CPU paths for both are
+        several times slower at these shapes); as diffusers and PyTorch choose on a GPU or when compiled."""
         on_cpu = next(self.vae.parameters()).device.type == "cpu"
         conv3d_onednn(self.vae, on_cpu and not self._compiled)
+        rms_norms_rsqrt(self.vae, on_cpu and not self._compiled)
 
     def save_pretrained(self, path: str | pathlib.Path) -> None:
         """Write the diffusers-layout folder (and ``stream_runtime.json``) that :meth:`from_pretrained` reads."""

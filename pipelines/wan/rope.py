@@ -57,7 +57,22 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of ``x [B, L, H, D]`` by angles ``cos/sin [L, 1, D/2]``."""
+    """Rotate interleaved channel pairs of ``x [B, L, H, D]`` by angles ``cos/sin [L, 1, D/2]``.
+
+    On the CPU the pairs are rotated as one complex product: the real form's four products, two sums and stack
+    cost ~10x as much there at the tiny-world shapes (~0.6 ms against ~0.05 ms for ``[2, 320, 4, 32]`` on 2 cores),
+    which was a tenth of a chunk. Elsewhere, and under ``torch.compile`` (which fuses it), the real form."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        pairs = x.float().unflatten(-1, (-1, 2))
+        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+            pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex needs aligned (re, im) pairs
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2)
+        return out.type_as(x)
+    return apply_rope_real(x, cos, sin)
+
+
+def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` in real arithmetic (the GPU path, and the reference of the CPU one)."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x)
