@@ -533,3 +533,66 @@ def test_compiled_training_passes_match_eager(tmp_path, first_vae):
     )  # fmt: skip
     assert log["steps"] == 2 and log["config"]["compile"] == "aot_eager"
     assert train_dit.parse_args(["--vae", "v", "--out", "o", "--compile", "inductor"]).compile == "inductor"
+
+
+def test_foreground_shares_count_shape_pixels_per_latent_cell():
+    background = np.zeros((8, 8, 3), np.uint8)
+    clip = np.zeros((9, 8, 8, 3), np.uint8)  # 1 + 4 x 2 frames -> 3 latent frames of 2x2 cells (spatial 4)
+    clip[0, :4, :4] = 255  # the whole top-left cell in frame 0
+    clip[3, 4:, 4:] = (0, 0, 200)  # bottom-right cell in one of latent frame 1's four frames
+    clip[5:, 0, 4] = 255  # one pixel of the top-right cell in all of latent frame 2's frames
+    clip[5:, 7, 0] = 10  # below the threshold: antialiasing noise, not a shape
+    shares = train_data.foreground_shares(clip, background, spatial=4)
+    expected = np.zeros((3, 2, 2), np.float32)
+    expected[0, 0, 0] = 1.0
+    expected[1, 1, 1] = 0.25
+    expected[2, 0, 1] = 1 / 16
+    np.testing.assert_allclose(shares, expected)
+    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
+        train_data.foreground_shares(clip[:8], background, spatial=4)
+
+
+def test_foreground_weighted_loss_weighs_cells_and_logs_the_plain_one(tmp_path, first_vae):
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan.from_pretrained(first_vae)
+    streams = train_data.encode_streams(vae, 2, 6, SIZE, batch=2, foreground=True)
+    fg = streams.foreground
+    assert fg.shape == (2, 1, *streams.latents.shape[2:]) and 0 < fg.float().mean() < 0.5
+    assert fg.max() <= 1 and fg.min() >= 0
+    cfg = train_dit.DiTTrainConfig(vae="", out="", fg_weight=4.0, **TINY_DIT)
+    wan, text_encoder = train_dit.build_models(cfg, vae, len(model.build_tokenizer()))
+    net = StreamingWanTransformer(wan)
+    stream, grid = model.STREAM, torch.tensor([0.9, 0.5])
+    frames = model.stream_sequence_frames(stream)
+    x0 = torch.randn(2, vae.config.z_dim, frames, SIZE // 8, SIZE // 8)
+    ids, mask = model.tokenize(model.build_tokenizer(), [caption(sample_spec(s)) for s in (5, 6)])
+    text_kv = net.text_kv(model.encode_tokens(text_encoder, ids, mask))
+    for objective in train_dit.OBJECTIVES:
+        cfg = dataclasses.replace(cfg, objective=objective)
+
+        def loss(weight, cfg=cfg):
+            return train_dit.flow_loss(
+                net, x0, text_kv, cfg, stream, grid, torch.Generator().manual_seed(0), cell_weight=weight
+            )
+
+        plain, _ = loss(None)
+        uniform, parts = loss(torch.full((2, 1, frames, SIZE // 8, SIZE // 8), 3.0))
+        torch.testing.assert_close(uniform, plain)  # a uniform weight is the plain loss
+        torch.testing.assert_close(parts["plain"], plain)
+        one_cell = torch.zeros(2, 1, frames, SIZE // 8, SIZE // 8)
+        one_cell[:, :, -1, 0, 0] = 1.0  # all weight on one cell of the last (always learning) frame
+        weighted, parts = loss(one_cell)
+        torch.testing.assert_close(parts["plain"], plain)
+        assert abs(weighted.item() - plain.item()) > 1e-4
+    log = train_dit.train(
+        train_dit.DiTTrainConfig(
+            vae=str(first_vae), out=str(tmp_path / "dit"), steps=2, batch=2, size=SIZE, clips=2, latent_frames=6,
+            fg_weight=4.0, log_every=1, **TINY_DIT,
+        )
+    )  # fmt: skip
+    assert log["steps"] == 2 and all(np.isfinite(h["plain_loss"]) for h in log["history"])
+    with pytest.raises(ValueError, match="foreground shares"):
+        train_dit.train(
+            train_dit.DiTTrainConfig(vae=str(first_vae), out=str(tmp_path / "y"), batch=2, steps=1, fg_weight=1),
+            streams=train_data.LatentStreams(torch.zeros(2, 4, 6, 4, 4), ["", ""], [0, 1]),
+        )

@@ -27,6 +27,7 @@ from .model import NATIVE_SIZE, frames_to_pixels
 from .spec import SHAPES, SceneSpec
 from .world import (
     HELD_OUT_COUNT,
+    background_frame,
     caption,
     held_out_captions,
     render,
@@ -174,12 +175,36 @@ def shape_sibling(seed: int) -> int | None:
     return None
 
 
-def _render_stream(args: tuple[int, int, int, int]) -> tuple[np.ndarray, str]:
-    seed, frames, size, rotation = args
+FOREGROUND_THRESHOLD = 24
+"""A pixel is foreground when a channel differs from the scene's background by more than this (uint8 levels):
+shapes and most of their antialiased edge pixels, never the background itself."""
+
+
+def foreground_shares(clip: np.ndarray, background: np.ndarray, spatial: int, temporal: int = 4) -> np.ndarray:
+    """Share of foreground pixels in each latent cell of a stream ``clip`` (uint8 ``[1 + temporal(L - 1), H, W,
+    3]`` from its frame 0) drawn over ``background`` (``[H, W, 3]``): float32 ``[L, H / spatial, W / spatial]``.
+
+    Latent frame 0 covers video frame 0 alone and latent frame ``j`` frames ``4j - 3 .. 4j`` (the causal VAE's
+    grouping); a cell covers ``spatial x spatial`` pixels."""
+    frames, height, width = clip.shape[:3]
+    if (frames - 1) % temporal or height % spatial or width % spatial:
+        raise ValueError(
+            f"clip: expected 1 + {temporal}k frames of sides divisible by {spatial}, got {list(clip.shape)}"
+        )
+    fg = np.abs(clip.astype(np.int16) - background.astype(np.int16)).max(axis=-1) > FOREGROUND_THRESHOLD
+    fg = fg.astype(np.float32)
+    groups = np.concatenate([fg[:1], fg[1:].reshape(-1, temporal, height, width).mean(axis=1)])
+    return groups.reshape(len(groups), height // spatial, spatial, width // spatial, spatial).mean(axis=(2, 4))
+
+
+def _render_stream(args: tuple[int, int, int, int, int]) -> tuple[np.ndarray, str, np.ndarray | None]:
+    seed, frames, size, rotation, spatial = args
     spec = sample_spec(seed)
     if rotation:
         spec = shapes_rotated(spec, rotation)
-    return render(spec, frames, size, size), caption(spec)
+    clip = render(spec, frames, size, size)
+    shares = foreground_shares(clip, background_frame(spec, size, size), spatial) if spatial else None
+    return clip, caption(spec), shares
 
 
 @dataclass
@@ -194,6 +219,9 @@ class LatentStreams:
     """The N training seeds (with ``paired``, each twice)."""
     paired: bool = False
     """Rows ``2i`` and ``2i + 1`` are a scene and its shape sibling (:func:`shapes_rotated`)."""
+    foreground: torch.Tensor | None = None
+    """float16 ``[N, 1, L, h, w]`` or None: each latent cell's share of foreground (shape) pixels
+    (:func:`foreground_shares`), for the foreground-weighted loss (``train_dit --fg-weight``)."""
 
 
 @torch.no_grad()
@@ -206,6 +234,7 @@ def encode_streams(
     workers: int = 0,
     first_seed: int = 0,
     shape_pairs: bool = False,
+    foreground: bool = False,
 ) -> LatentStreams:
     """Render ``count`` training scenes (training seeds from the ``first_seed``-th on) for ``latent_frames``
     latent frames and encode them with ``vae`` through the streaming encoder (the path a video input takes).
@@ -213,8 +242,10 @@ def encode_streams(
     ``shape_pairs``: ``count`` (even) rows of ``count / 2`` scenes, each followed by its shape sibling
     (:func:`shape_sibling`; seeds without one are skipped). ``workers`` > 0 renders in that many processes
     (spawned: the parent may hold a CUDA context), a batch at a time, so memory holds one batch of video.
-    Latents are returned on the CPU.
+    ``foreground``: also each latent cell's share of shape pixels (``LatentStreams.foreground``). Latents are
+    returned on the CPU.
     """
+    spatial = vae.config.scale_factor_spatial if foreground else 0
     frames = stream_pixel_frames(latent_frames, vae.config.scale_factor_temporal)
     if shape_pairs:
         if count % 2:
@@ -222,23 +253,29 @@ def encode_streams(
         siblings = ((s, shape_sibling(s)) for s in train_seeds(first_seed))
         chosen = list(itertools.islice(((s, k) for s, k in siblings if k is not None), count // 2))
         seeds = [s for s, _ in chosen for _ in (0, 1)]
-        jobs = [(s, frames, size, r) for s, k in chosen for r in (0, k)]
+        jobs = [(s, frames, size, r, spatial) for s, k in chosen for r in (0, k)]
     else:
         seeds = list(itertools.islice(train_seeds(first_seed), count))
-        jobs = [(s, frames, size, 0) for s in seeds]
+        jobs = [(s, frames, size, 0, spatial) for s in seeds]
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=single_threaded_worker) if workers else None
     rendered = pool.map(_render_stream, jobs, chunksize=16) if pool else map(_render_stream, jobs)
-    latents, captions = [], []
+    latents, captions, shares = [], [], []
     try:
         while True:
             group = list(itertools.islice(rendered, batch))
             if not group:
                 break
-            pixels = frames_to_pixels(np.stack([clip for clip, _ in group])).to(device=vae.device, dtype=vae.dtype)
+            pixels = frames_to_pixels(np.stack([clip for clip, _, _ in group])).to(device=vae.device, dtype=vae.dtype)
             latents.append(StreamingVAEEncoder(vae).encode(pixels).float().cpu())
-            captions.extend(text for _, text in group)
+            captions.extend(text for _, text, _ in group)
+            if foreground:
+                shares.append(torch.from_numpy(np.stack([share for _, _, share in group]))[:, None].half())
     finally:
         if pool:
             pool.shutdown()
-    return LatentStreams(torch.cat(latents), captions, seeds, paired=shape_pairs)
+    latents = torch.cat(latents)
+    fg = torch.cat(shares) if foreground else None
+    if fg is not None and fg.shape[2:] != latents.shape[2:]:
+        raise RuntimeError(f"foreground shares {list(fg.shape)} do not match the latents {list(latents.shape)}")
+    return LatentStreams(latents, captions, seeds, paired=shape_pairs, foreground=fg)

@@ -142,6 +142,11 @@ class DiTTrainConfig:
     pair_weight: float = 0.0
     """Weight of the shape-pair term (see the module docstring); > 0 renders the data as shape pairs (``clips``
     rows of ``clips / 2`` scenes) and needs an even ``batch``. 0: the plain loss, as before the term existed."""
+    fg_weight: float = 0.0
+    """Extra weight of the latent cells on and next to shapes in the flow loss: a cell weighs ``1 + fg_weight x``
+    its share of shape pixels after a 3x3 dilation (so outlines' surroundings count: two shapes of one size
+    differ there), normalised by the batch's mean weight. Shapes cover a tenth of a frame, so in the plain loss
+    the background's easy cells outweigh what the shape and colour words decide. 0: the plain loss."""
     train_shift: float = 1.0
     """Shift of the shifted-uniform noise levels (1: uniform, as the stream's Euler levels are)."""
     chunk_frames: int = STREAM.chunk_frames
@@ -238,12 +243,16 @@ def flow_loss(
     grid: torch.Tensor,
     generator: torch.Generator,
     paired: bool = False,
+    cell_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of one batch of clean sequences ``x0 [B, C, T, h, w]`` (see the module docstring) and
     its parts, detached (reading them is left to the logging steps: no host sync per step).
 
     ``paired``: rows ``i`` and ``B/2 + i`` are shape siblings; they get the same noise and noise levels, and the
-    loss adds ``cfg.pair_weight`` times the pair term (part ``"pair"``; part ``"loss"`` stays the plain loss)."""
+    loss adds ``cfg.pair_weight`` times the pair term (part ``"pair"``; part ``"loss"`` stays the plain loss).
+
+    ``cell_weight`` ``[B, 1, T, h, w]`` (see ``DiTTrainConfig.fg_weight``) weighs each latent cell's squared
+    error; the loss is the weighted mean (part ``"loss"``), part ``"plain"`` the unweighted one for the log."""
     b, _, frames = x0.shape[:3]
     c = stream.chunk_frames
     chunks = frames // c
@@ -277,8 +286,9 @@ def flow_loss(
         mask = teacher_forcing_mask(frames, stream, device)
         positions = list(range(frames)) * 2
         pred = net.forward_full(seq, t, text_kv, frame_mask=mask, frame_positions=positions)[:, :, frames:]
-        weight = None
-        loss = (pred.float() - target).pow(2).mean()
+        weight = None if cell_weight is None else cell_weight.expand_as(target)
+        error = (pred.float() - target).pow(2)
+        loss = error.mean() if weight is None else (error * weight).sum() / weight.sum().clamp_min(1e-6)
     else:
         context = twin(torch.rand(half, chunks, generator=generator) < cfg.context_prob)
         context[:, -1] = False  # the last chunk always learns
@@ -287,9 +297,17 @@ def flow_loss(
         t = 1000.0 * torch.where(context, torch.zeros_like(sigma), sigma).repeat_interleave(c, dim=1)
         mask = block_causal_mask(frames, c, stream.sink_frames, stream.window_frames, device=device)
         pred = net.forward_full(x_t, t.to(device), text_kv, frame_mask=mask)
-        weight = per_frame((~context).float()).expand_as(target)
-        loss = ((pred.float() - target).pow(2) * weight).sum() / weight.sum().clamp_min(1.0)
+        weight = learns = per_frame((~context).float()).expand_as(target)
+        if cell_weight is not None:
+            weight = weight * cell_weight
+        error = (pred.float() - target).pow(2)
+        loss = (error * weight).sum() / weight.sum().clamp_min(1e-6)
     parts = {"loss": loss.detach()}
+    if cell_weight is not None:
+        if cfg.objective == "teacher":
+            parts["plain"] = error.mean().detach()
+        else:
+            parts["plain"] = ((error * learns).sum() / learns.sum().clamp_min(1.0)).detach()
     if paired:
         pair = pair_loss(pred.float(), target, None if weight is None else weight[:half])
         parts["pair"] = pair.detach()
@@ -461,6 +479,8 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         raise ValueError("fresh_io: keeps an init's blocks; pass init")
     if cfg.pair_weight < 0:
         raise ValueError(f"pair_weight: expected >= 0, got {cfg.pair_weight}")
+    if cfg.fg_weight < 0:
+        raise ValueError(f"fg_weight: expected >= 0, got {cfg.fg_weight}")
     paired = cfg.pair_weight > 0
     if paired and cfg.batch % 2:
         raise ValueError(f"batch: expected an even batch for shape pairs (pair_weight > 0), got {cfg.batch}")
@@ -483,10 +503,17 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
             batch=cfg.encode_batch,
             workers=cfg.workers,
             shape_pairs=paired,
+            foreground=cfg.fg_weight > 0,
         )
     if paired and not streams.paired:
         raise ValueError("pair_weight > 0 needs streams rendered as shape pairs (encode_streams(shape_pairs=True))")
+    if cfg.fg_weight > 0 and streams.foreground is None:
+        raise ValueError("fg_weight > 0 needs the streams' foreground shares (encode_streams(foreground=True))")
     latents = streams.latents.to(device)
+    cell_weights = None
+    if cfg.fg_weight > 0:
+        near = torch.nn.functional.max_pool3d(streams.foreground.float(), (1, 3, 3), stride=1, padding=(0, 1, 1))
+        cell_weights = (1.0 + cfg.fg_weight * near).half().to(device)  # [N, 1, L, h, w]
     data_seconds = time.perf_counter() - stage_start
     std = latents.std().item()
     common.log(f"latents {list(latents.shape)}, std {std:.3f} ({data_seconds:.0f} s)")
@@ -526,11 +553,14 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
     def twin(v: torch.Tensor | None) -> torch.Tensor | None:
         return twin_draw(v, paired)
 
-    def batch_at(rows: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def batch_at(rows: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor | None]:
         count = len(rows) // 2 if paired else len(rows)
         frames = twin(sequence_frames(count, stream, latents.shape[2], cfg.fresh_prob, generator)).to(device)
         rows = rows.to(device)
         x0 = latents[rows[:, None], :, frames].permute(0, 2, 1, 3, 4)  # [B, C, T, h, w]
+        weight = None
+        if cell_weights is not None:
+            weight = cell_weights[rows[:, None], :, frames].permute(0, 2, 1, 3, 4).float()
         drop = twin(caption_dropout(count, cfg.uncond_prob, generator))
         if cfg.text == "train":
             row_ids, row_attn = ids[rows], attn[rows]
@@ -543,11 +573,11 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
             embeds = frozen_embeds[rows]
             if drop is not None:
                 embeds = torch.where(drop.to(device)[:, None, None], empty_embeds, embeds)
-        return x0, net.text_kv(embeds)
+        return x0, net.text_kv(embeds), weight
 
     budget = cfg.minutes * 60 * (1 - common.SAVE_RESERVE) - (time.perf_counter() - stage_start)
     plan = common.StepPlan(cfg.steps, budget)
-    history, window, pair_window, step = [], [], [], 0
+    history, window, pair_window, plain_window, step = [], [], [], [], 0
     first_loss = None
     while not plan.done(step):
         lr = common.lr_at(step, plan.total(step), cfg.lr, cfg.warmup)
@@ -559,8 +589,8 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         else:
             rows = torch.randint(n, (cfg.batch,), generator=generator)
         with common.autocast(device):
-            x0, text_kv = batch_at(rows)
-            loss, parts = flow_loss(net, x0, text_kv, cfg, stream, grid, generator, paired=paired)
+            x0, text_kv, weight = batch_at(rows)
+            loss, parts = flow_loss(net, x0, text_kv, cfg, stream, grid, generator, paired=paired, cell_weight=weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -569,6 +599,8 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         window.append(parts["loss"])
         if paired:
             pair_window.append(parts["pair"])
+        if "plain" in parts:
+            plain_window.append(parts["plain"])
         first_loss = parts["loss"].item() if first_loss is None else first_loss
         step += 1
         if step % cfg.log_every == 0 or plan.done(step):
@@ -578,9 +610,12 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
             if paired:
                 entry["pair_loss"] = torch.stack(pair_window).mean().item()
                 pair_text = f"  pair {entry['pair_loss']:.4f}"
+            if plain_window:
+                entry["plain_loss"] = torch.stack(plain_window).mean().item()
+                pair_text += f"  plain {entry['plain_loss']:.4f}"
             history.append(entry)
             common.log(f"step {step}/{plan.total(step)}  loss {mean:.4f}{pair_text}  lr {lr:.2e}")
-            window, pair_window = [], []
+            window, pair_window, plain_window = [], [], []
     train_seconds = plan.elapsed
 
     final = copy.deepcopy(both)

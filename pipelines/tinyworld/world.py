@@ -53,6 +53,7 @@ __all__ = [
     "vocabulary",
     "render",
     "render_frames",
+    "background_frame",
     "sample_spec",
     "held_out_seeds",
     "held_out_captions",
@@ -124,6 +125,11 @@ def _background(background: BackgroundSpec, height: int, width: int) -> np.ndarr
     elif background.layout == "left-right":
         frame[:, width // 2 :] = colours[1]
     return frame
+
+
+def background_frame(spec: SceneSpec, height: int = DEFAULT_SIZE, width: int = DEFAULT_SIZE) -> np.ndarray:
+    """``spec``'s background alone, uint8 [height, width, 3] (RGB): every frame of its stream minus the shapes."""
+    return _background(spec.background, height, width)
 
 
 def _draw(frame: np.ndarray, s: ShapeSpec, cx: float, cy: float, radius: float, line_type: int) -> None:
