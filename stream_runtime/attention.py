@@ -109,16 +109,30 @@ def blocksparse_dense_attention(q, k, v, mask=None, **_):
     return bsa.block_sparse_attention(q, k, v, table)[0]
 
 
-def radial_attention(q, k, v, mask=None, cache=None, frame_grid=None, **_):
-    """Radial block-sparse attention against the sink + window cache (Triton kernel).
+RADIAL_MAX_BLOCK = 128
+"""Table block of the radial backend at real resolutions (the kernel's fastest tile on an H100)."""
+RADIAL_MIN_BLOCK = 16
+"""Smallest table block (``tl.dot`` needs 16 on each side)."""
 
-    The block table depends on the temporal distance of each cached frame to the chunk, so it is built once per
-    ring phase of the cache (a handful per stream) and per resolution, then reused by every layer and step.
-    Without a cache (full-sequence passes) this is plain SDPA.
+
+def radial_block_size(tokens_per_frame: int) -> int:
+    """Table block size of the radial backend for frames of ``tokens_per_frame`` tokens: the largest power of two
+    in [16, 128] that is at most a quarter of a frame. At 480x832 (1,560 tokens) that is 128; a 64-token frame (the
+    tiny-world model) gets 16-token blocks, so its bands can drop blocks at all (with 128-token blocks a whole
+    frame is one block and the radial table is dense)."""
+    block = RADIAL_MAX_BLOCK
+    while block > RADIAL_MIN_BLOCK and block > tokens_per_frame // 4:
+        block //= 2
+    return block
+
+
+def radial_table(q: torch.Tensor, cache, frame_grid):
+    """The radial :class:`BlockTable` of a chunk's queries ``q [B, Lq, H, D]`` against ``cache`` and itself.
+
+    The table depends on the temporal distance of each cached frame to the chunk, so it is built once per ring
+    phase of the cache (a handful per stream) and per resolution, then reused by every layer and step. Its block
+    size follows the frame size (:func:`radial_block_size`).
     """
-    if mask is not None or cache is None:
-        return sdpa_attention(q, k, v, mask=mask)
-    bsa = _kernels()
     from stream_runtime.kernels.radial import StreamFrameLayout, radial_block_table
 
     frame_tokens = frame_grid[0] * frame_grid[1]
@@ -136,9 +150,19 @@ def radial_attention(q, k, v, mask=None, cache=None, frame_grid=None, **_):
 
     def build():
         layout = StreamFrameLayout(key_times=key_times, key_is_sink=key_is_sink, query_times=chunk_times)
-        return radial_block_table(frame_grid, layout, device=q.device)
+        block = radial_block_size(frame_tokens)
+        return radial_block_table(frame_grid, layout, block, block, device=q.device)
 
-    return bsa.block_sparse_attention(q, k, v, _memo(key, build))[0]
+    return _memo(key, build)
+
+
+def radial_attention(q, k, v, mask=None, cache=None, frame_grid=None, **_):
+    """Radial block-sparse attention against the sink + window cache (Triton kernel over :func:`radial_table`).
+    Without a cache (full-sequence passes) this is plain SDPA."""
+    if mask is not None or cache is None:
+        return sdpa_attention(q, k, v, mask=mask)
+    bsa = _kernels()
+    return bsa.block_sparse_attention(q, k, v, radial_table(q, cache, frame_grid))[0]
 
 
 _TABLES: dict = {}

@@ -8,16 +8,17 @@ from helpers import make_cache, tiny_net
 from stream_runtime.attention import attention, available_backends
 from stream_runtime.reuse import CrossStepReuse
 
-C, LH, LW = 4, 4, 4
+C = 4
 GRID = (2, 2)
 
 
-def stream(net, backend, chunks=4, chunk=1, sink=1, window=3, reuse=None, steps=(900.0, 500.0)):
+def stream(net, backend, chunks=4, chunk=1, sink=1, window=3, reuse=None, steps=(900.0, 500.0), grid=GRID):
+    """Outputs of every denoising pass of a stream of random chunks (token grid ``grid``: latents twice as wide)."""
     text = net.text_kv(torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1)))
-    cache = make_cache(net, GRID, sink, window, chunk)
+    cache = make_cache(net, grid, sink, window, chunk)
     outs = []
     for c in range(chunks):
-        x = torch.randn(1, C, chunk, LH, LW, generator=torch.Generator().manual_seed(c))
+        x = torch.randn(1, C, chunk, 2 * grid[0], 2 * grid[1], generator=torch.Generator().manual_seed(c))
         extra = {"reuse": reuse} if reuse is not None else {}
         for i, t in enumerate(steps):
             if reuse is not None:
@@ -64,6 +65,44 @@ def test_radial_tables_are_built_once_per_ring_phase():
     radial_tables = [k for k in dispatch._TABLES if k[0] == "radial"]
     # warm-up (cache filling) plus one per ring phase: far fewer than the 12 chunks x 3 passes x 2 layers
     assert len(radial_tables) <= 4 + 3
+
+
+def test_radial_blocks_follow_the_frame_size():
+    from stream_runtime.attention import radial_block_size
+    from stream_runtime.kernels.radial import radial_block_table, rolling_cache_layout
+
+    assert [radial_block_size(n) for n in (1560, 512, 256, 64, 16)] == [128, 128, 64, 16, 16]
+    # the tiny-world model's frames (8x8 tokens) against a 1 sink + 4 window cache: sparse at 16-token blocks
+    layout = rolling_cache_layout(1, 4, 1)
+    assert radial_block_table((8, 8), layout, 16, 16).density() < 0.9
+    assert radial_block_table((8, 8), layout, 128, 128).density() == 1.0
+
+
+@cpu_triton
+def test_radial_on_small_frames_is_the_kernel_over_its_table():
+    """8x8-token frames against a 1 sink + 4 window cache: the stream through the radial backend equals a stream
+    whose attention to the cache is the naive reference under the same table's token mask."""
+    from stream_runtime import attention as dispatch
+    from stream_runtime.attention import radial_table, register_backend
+
+    def masked(q, k, v, mask=None, cache=None, frame_grid=None, **_):
+        if mask is not None or cache is None:
+            return dispatch.naive_attention(q, k, v, mask=mask)
+        return dispatch.naive_attention(q, k, v, mask=radial_table(q, cache, frame_grid).to_mask()[0, 0])
+
+    net = tiny_net()
+    small = dict(chunks=6, window=4, grid=(8, 8), steps=(900.0,))  # chunks 4-5 see frames at distance >= 2
+    dispatch._TABLES.clear()
+    register_backend("test-radial-masked", masked)
+    try:
+        radial = stream(net, "radial", **small)
+        tables = [t for key, t in dispatch._TABLES.items() if key[0] == "radial"]
+        assert tables and min(t.density() for t in tables) < 0.9  # some chunks really skip blocks
+        reference = stream(net, "test-radial-masked", **small)
+    finally:
+        dispatch._BACKENDS.pop("test-radial-masked")
+    assert_close(radial, reference, scale=10)
+    assert not torch.allclose(radial, stream(net, "sdpa", **small), atol=1e-4)
 
 
 def test_reuse_refresh_every_step_equals_plain_attention():
