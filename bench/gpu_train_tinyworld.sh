@@ -37,7 +37,7 @@ dit)
         --batch 256 --clips 6144 --latent-frames 12 --encode-batch 256 ${init:+--init $init} "${@:6}" > $w/dit.log 2>&1
     tail -n 3 $w/dit.log
     python3 -m $m.export --vae "$vae" --dit $w/dit --out $w/model --guidance-scale "${GUIDANCE:-1}" 2>&1 | tail -3
-    timeout 90 python3 -m $m.eval_model --model $w/model --device cuda --prompts 50 --out $w/eval.json 2>&1 | tail -4
+    timeout 150 python3 -m $m.eval_model --model $w/model --device cuda --prompts 50 --out $w/eval.json 2>&1 | tail -4
     tar czf "$out/dit$tag.tgz" -C $w dit dit.log $(cd $w && ls eval.json 2>/dev/null)
     ;;
 *) echo "stage: expected vae or dit, got $stage" >&2; exit 2 ;;

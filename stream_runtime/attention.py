@@ -54,7 +54,7 @@ def attention(
     cached part and the chunk's own part and may reuse the cached part across denoising steps.
     """
     if reuse is not None and mask is None:
-        return reuse.attend(q, k, v, **kwargs)
+        return reuse.attend(q, k, v, backend=backend, **kwargs)
     return get_backend(backend)(q, k, v, mask=mask, **kwargs)
 
 
@@ -126,12 +126,14 @@ def radial_block_size(tokens_per_frame: int) -> int:
     return block
 
 
-def radial_table(q: torch.Tensor, cache, frame_grid):
+def radial_table(q: torch.Tensor, cache, frame_grid, cached_keys: int | None = None):
     """The radial :class:`BlockTable` of a chunk's queries ``q [B, Lq, H, D]`` against ``cache`` and itself.
 
     The table depends on the temporal distance of each cached frame to the chunk, so it is built once per ring
     phase of the cache (a handful per stream) and per resolution, then reused by every layer and step. Its block
-    size follows the frame size (:func:`radial_block_size`).
+    size follows the frame size (:func:`radial_block_size`). ``cached_keys``: the table's key blocks that cover
+    the first ``cached_keys`` keys (the cache's frames), as a table over those keys alone (see
+    :func:`radial_cached_part`).
     """
     from stream_runtime.kernels.radial import StreamFrameLayout, radial_block_table
 
@@ -153,7 +155,30 @@ def radial_table(q: torch.Tensor, cache, frame_grid):
         block = radial_block_size(frame_tokens)
         return radial_block_table(frame_grid, layout, block, block, device=q.device)
 
-    return _memo(key, build)
+    full = _memo(key, build)
+    if cached_keys is None:
+        return full
+    from stream_runtime.kernels.block_sparse_attn import BlockTable
+
+    n_blocks = -(-cached_keys // full.block_n)
+    return _memo(
+        (*key, "cached", cached_keys),
+        lambda: BlockTable.from_block_mask(
+            full.to_block_mask()[..., :n_blocks], full.block_m, full.block_n, full.q_len, cached_keys
+        ),
+    )
+
+
+def radial_cached_part(q, k, v, n_cached: int, cache, frame_grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the radial backend's attention restricted to the first ``n_cached`` keys (the cache's
+    frames), for cross-step reuse (:class:`stream_runtime.reuse.CrossStepReuse`).
+
+    The key blocks of :func:`radial_table` that cover cached tokens, as a table over those keys alone: a block
+    that straddles the cache/chunk boundary holds chunk tokens, which the radial rule keeps dense, so it is listed
+    in both. Merged with dense attention to the chunk's own keys, this equals :func:`radial_attention` exactly.
+    """
+    table = radial_table(q, cache, frame_grid, cached_keys=n_cached)
+    return _kernels().block_sparse_attention(q, k[:, :n_cached], v[:, :n_cached], table)
 
 
 def radial_attention(q, k, v, mask=None, cache=None, frame_grid=None, **_):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from stream_runtime.attention import attention_with_lse
+from stream_runtime.attention import attention_with_lse, radial_cached_part
 from stream_runtime.kernels.merge import merge_partials
 
 
@@ -41,13 +41,31 @@ class CrossStepReuse:
         if step == 0:
             self._saved.clear()
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0, **_) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int = 0,
+        backend: str = "sdpa",
+        cache=None,
+        frame_grid=None,
+        **_,
+    ) -> torch.Tensor:
+        """The chunk's attention, split into the cached part and its own part (see the module docstring).
+
+        With ``backend="radial"`` (and the stream's ``cache`` and ``frame_grid``) the cached part is the radial
+        kernel's over the radial table's cached key blocks (:func:`stream_runtime.attention.radial_cached_part`),
+        so radial + reuse composes both savings; every other backend's cached part is dense."""
         n_cached = k.shape[1] - q.shape[1]
         if n_cached <= 0:
             return attention_with_lse(q, k, v)[0]
         refresh = self.step is None or self.step % self.refresh_every == 0 or layer not in self._saved
         if refresh:
-            cached = attention_with_lse(q, k[:, :n_cached], v[:, :n_cached])
+            if backend == "radial" and cache is not None:
+                cached = radial_cached_part(q, k, v, n_cached, cache, frame_grid)
+            else:
+                cached = attention_with_lse(q, k[:, :n_cached], v[:, :n_cached])
             if self.step is not None:
                 self._saved[layer] = cached
         else:

@@ -62,7 +62,7 @@ def test_radial_tables_are_built_once_per_ring_phase():
     net = tiny_net()
     dispatch._TABLES.clear()
     stream(net, "radial", chunks=12, chunk=1, sink=1, window=4)
-    radial_tables = [k for k in dispatch._TABLES if k[0] == "radial"]
+    radial_tables = [k for k in dispatch._TABLES if k[0] == "radial" and "cached" not in k]
     # warm-up (cache filling) plus one per ring phase: far fewer than the 12 chunks x 3 passes x 2 layers
     assert len(radial_tables) <= 4 + 3
 
@@ -103,6 +103,17 @@ def test_radial_on_small_frames_is_the_kernel_over_its_table():
         dispatch._BACKENDS.pop("test-radial-masked")
     assert_close(radial, reference, scale=10)
     assert not torch.allclose(radial, stream(net, "sdpa", **small), atol=1e-4)
+
+
+@cpu_triton
+def test_radial_with_exact_reuse_equals_radial():
+    """Cross-step reuse with the radial backend splits the radial attention (cached part under the radial table's
+    cached blocks, own part dense): exact mode equals the radial stream, so radial + reuse keeps the sparsity."""
+    net = tiny_net()
+    small = dict(chunks=5, window=4, grid=(8, 8), steps=(900.0,))
+    radial = stream(net, "radial", **small)
+    assert_close(stream(net, "radial", reuse=CrossStepReuse(1), **small), radial, scale=10)
+    assert not torch.allclose(stream(net, "sdpa", reuse=CrossStepReuse(1), **small), radial, atol=1e-4)
 
 
 def test_reuse_refresh_every_step_equals_plain_attention():

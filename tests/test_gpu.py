@@ -19,7 +19,7 @@ def net_on(dtype):
     return StreamingWanTransformer(wan.to("cuda", dtype).eval())
 
 
-def run_stream(net, backend, chunks=5, chunk=3, sink=3, window=6):
+def run_stream(net, backend, chunks=5, chunk=3, sink=3, window=6, reuse=None):
     text = net.text_kv(torch.randn(1, 16, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1)))
     layout = CacheLayout(GRID[0] * GRID[1], sink, window, chunk)
     cache = RollingKVCache(layout, net.num_layers, 1, net.heads, net.head_dim, dtype=net.dtype, device="cuda")
@@ -27,8 +27,13 @@ def run_stream(net, backend, chunks=5, chunk=3, sink=3, window=6):
     outs, clean = [], []
     for c in range(chunks):
         x = torch.randn(1, 4, chunk, 12, 16, device="cuda", generator=g)
-        outs.append(net.forward_chunk(x, 600.0, text, cache, c * chunk, backend=backend).float())
-        net.forward_chunk(x, 0.0, text, cache, c * chunk, backend=backend)
+        extra = {} if reuse is None else {"reuse": reuse}
+        if reuse is not None:
+            reuse.begin_step(0)
+        outs.append(net.forward_chunk(x, 600.0, text, cache, c * chunk, backend=backend, **extra).float())
+        if reuse is not None:
+            reuse.begin_step(None)
+        net.forward_chunk(x, 0.0, text, cache, c * chunk, backend=backend, **extra)
         cache.commit(c * chunk, chunk)
         clean.append(x)
     return torch.cat(outs, 2), torch.cat(clean, 2), text
@@ -60,6 +65,16 @@ def test_triton_backends_in_bf16_stream(backend):
     else:  # radial is an approximation: close to dense, not equal
         assert torch.isfinite(got).all()
         assert (got - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+@torch.no_grad()
+def test_radial_with_exact_reuse_matches_radial_in_bf16():
+    """The reuse split keeps the radial table (cached blocks through the kernel, own part dense)."""
+    from stream_runtime.reuse import CrossStepReuse
+
+    net = net_on(torch.bfloat16)
+    radial = run_stream(net, "radial", window=9)[0]
+    assert_close(run_stream(net, "radial", window=9, reuse=CrossStepReuse(1))[0], radial, dtype=torch.bfloat16, scale=5)
 
 
 @torch.no_grad()

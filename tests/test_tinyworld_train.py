@@ -591,6 +591,15 @@ def test_foreground_weighted_loss_weighs_cells_and_logs_the_plain_one(tmp_path, 
         )
     )  # fmt: skip
     assert log["steps"] == 2 and all(np.isfinite(h["plain_loss"]) for h in log["history"])
+    log = train_dit.train(
+        train_dit.DiTTrainConfig(
+            vae=str(first_vae), out=str(tmp_path / "sink"), steps=1, batch=2, size=SIZE, clips=2, latent_frames=6,
+            sink_weight=4.0, log_every=1, **TINY_DIT,
+        )
+    )  # fmt: skip
+    assert log["steps"] == 1 and np.isfinite(log["history"][0]["plain_loss"])
+    with pytest.raises(ValueError, match="sink_weight"):
+        train_dit.train(train_dit.DiTTrainConfig(vae=str(first_vae), out=str(tmp_path / "z"), sink_weight=0))
     with pytest.raises(ValueError, match="foreground shares"):
         train_dit.train(
             train_dit.DiTTrainConfig(vae=str(first_vae), out=str(tmp_path / "y"), batch=2, steps=1, fg_weight=1),

@@ -147,6 +147,10 @@ class DiTTrainConfig:
     its share of shape pixels after a 3x3 dilation (so outlines' surroundings count: two shapes of one size
     differ there), normalised by the batch's mean weight. Shapes cover a tenth of a frame, so in the plain loss
     the background's easy cells outweigh what the shape and colour words decide. 0: the plain loss."""
+    sink_weight: float = 1.0
+    """Weight of the sink frames' flow loss (the stream's first latent frames, drawn from the prompt alone: the
+    only frames that cannot copy their shapes and colours from the context, so the only ones where the model must
+    learn what the words mean), relative to the window frames' (combined with ``fg_weight``). 1: the plain loss."""
     train_shift: float = 1.0
     """Shift of the shifted-uniform noise levels (1: uniform, as the stream's Euler levels are)."""
     chunk_frames: int = STREAM.chunk_frames
@@ -481,6 +485,8 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         raise ValueError(f"pair_weight: expected >= 0, got {cfg.pair_weight}")
     if cfg.fg_weight < 0:
         raise ValueError(f"fg_weight: expected >= 0, got {cfg.fg_weight}")
+    if cfg.sink_weight <= 0:
+        raise ValueError(f"sink_weight: expected > 0, got {cfg.sink_weight}")
     paired = cfg.pair_weight > 0
     if paired and cfg.batch % 2:
         raise ValueError(f"batch: expected an even batch for shape pairs (pair_weight > 0), got {cfg.batch}")
@@ -561,6 +567,10 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         weight = None
         if cell_weights is not None:
             weight = cell_weights[rows[:, None], :, frames].permute(0, 2, 1, 3, 4).float()
+        if cfg.sink_weight != 1.0:
+            if weight is None:
+                weight = torch.ones(x0.shape[0], 1, *x0.shape[2:], device=device)
+            weight[:, :, : stream.sink_frames] *= cfg.sink_weight
         drop = twin(caption_dropout(count, cfg.uncond_prob, generator))
         if cfg.text == "train":
             row_ids, row_attn = ids[rows], attn[rows]
