@@ -605,3 +605,35 @@ def test_foreground_weighted_loss_weighs_cells_and_logs_the_plain_one(tmp_path, 
             train_dit.DiTTrainConfig(vae=str(first_vae), out=str(tmp_path / "y"), batch=2, steps=1, fg_weight=1),
             streams=train_data.LatentStreams(torch.zeros(2, 4, 6, 4, 4), ["", ""], [0, 1]),
         )
+
+
+def test_grown_blocks_start_as_the_identity(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**model.vae_config(**TINY_VAE))
+    cfg = train_dit.DiTTrainConfig(vae="", out="", **TINY_DIT)
+    wan, _ = train_dit.build_models(cfg, vae, len(model.build_tokenizer()))
+    with torch.no_grad():  # a trained model's output projections are not zero
+        for p in wan.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    grown = train_dit.grow_blocks(wan.eval(), 2).eval()
+    assert grown.config.num_layers == wan.config.num_layers + 2 == len(grown.blocks)
+    frames = model.stream_sequence_frames(model.STREAM)
+    x = torch.randn(1, vae.config.z_dim, frames, SIZE // 8, SIZE // 8)
+    text = torch.randn(1, 6, TINY_DIT["text_dim"])
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, text).sample, wan(x, t, text).sample, atol=1e-5, rtol=1e-5)
+    assert train_dit.grow_blocks(wan, 0) is wan
+    with pytest.raises(ValueError, match="grow_layers"):
+        train_dit.train(train_dit.DiTTrainConfig(vae="", out=str(tmp_path), grow_layers=1))
+
+
+def test_single_share_renders_one_object_scenes_first():
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**model.vae_config(**TINY_VAE))
+    streams = train_data.encode_streams(vae, 4, 2, SIZE, batch=4, single_share=0.5)
+    counts = [len(sample_spec(s).shapes) for s in streams.seeds]
+    assert counts[:2] == [1, 1] and len(set(streams.seeds)) == 4
+    assert [c.count(" and a ") for c in streams.captions[:2]] == [0, 0]
+    with pytest.raises(ValueError, match="single_share"):
+        train_data.encode_streams(vae, 4, 2, SIZE, single_share=1.5)

@@ -235,6 +235,7 @@ def encode_streams(
     first_seed: int = 0,
     shape_pairs: bool = False,
     foreground: bool = False,
+    single_share: float = 0.0,
 ) -> LatentStreams:
     """Render ``count`` training scenes (training seeds from the ``first_seed``-th on) for ``latent_frames``
     latent frames and encode them with ``vae`` through the streaming encoder (the path a video input takes).
@@ -242,9 +243,12 @@ def encode_streams(
     ``shape_pairs``: ``count`` (even) rows of ``count / 2`` scenes, each followed by its shape sibling
     (:func:`shape_sibling`; seeds without one are skipped). ``workers`` > 0 renders in that many processes
     (spawned: the parent may hold a CUDA context), a batch at a time, so memory holds one batch of video.
-    ``foreground``: also each latent cell's share of shape pixels (``LatentStreams.foreground``). Latents are
-    returned on the CPU.
+    ``foreground``: also each latent cell's share of shape pixels (``LatentStreams.foreground``).
+    ``single_share``: the first ``round(count * single_share)`` rows are one-object training scenes (the next
+    training seeds whose scene has one shape), the rest the usual seeds after them. Latents are returned on the CPU.
     """
+    if not 0.0 <= single_share <= 1.0 or (single_share and shape_pairs):
+        raise ValueError(f"single_share: expected a share in [0, 1], without shape_pairs, got {single_share}")
     spatial = vae.config.scale_factor_spatial if foreground else 0
     frames = stream_pixel_frames(latent_frames, vae.config.scale_factor_temporal)
     if shape_pairs:
@@ -255,7 +259,10 @@ def encode_streams(
         seeds = [s for s, _ in chosen for _ in (0, 1)]
         jobs = [(s, frames, size, r, spatial) for s, k in chosen for r in (0, k)]
     else:
-        seeds = list(itertools.islice(train_seeds(first_seed), count))
+        ones = (s for s in train_seeds(first_seed) if len(sample_spec(s).shapes) == 1)
+        seeds = list(itertools.islice(ones, round(count * single_share)))
+        taken = set(seeds)
+        seeds += list(itertools.islice((s for s in train_seeds(first_seed) if s not in taken), count - len(seeds)))
         jobs = [(s, frames, size, 0, spatial) for s in seeds]
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=single_threaded_worker) if workers else None

@@ -175,6 +175,12 @@ class DiTTrainConfig:
     blocks, embedders and modulation (what a token of 8x8 pixels means to them stays: pick ``patch`` so that a
     token covers as many pixels as ``init``'s did) and start a fresh patch embedding and output projection
     (:func:`fresh_io`)."""
+    grow_layers: int = 0
+    """With ``init``: append this many transformer blocks that start as the identity (:func:`grow_blocks`), so a
+    trained model gains depth without losing what it draws. 0: the init's depth."""
+    single_share: float = 0.0
+    """Share of the training streams rendered from one-object scenes (the rest from the world's own mix of one to
+    three): the shape words need no binding to an object there. 0: the world's mix, as before."""
     init: str | None = None
     """Continue from an earlier run's folder (its ``transformer/`` and ``text_encoder/``; their shapes win over
     ``layers``/``heads``/... and the stream must match): chains 10-minute runs into a longer training."""
@@ -436,6 +442,32 @@ def fresh_io(wan: WanTransformer3DModel, channels: int, patch: int, seed: int = 
     return new
 
 
+IDENTITY_ZEROED = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
+"""Parameters of a ``WanTransformerBlock`` whose zeros make the block the identity: each of its three residual
+branches (self-attention, cross-attention, feed-forward) ends in one of them."""
+
+
+def grow_blocks(wan: WanTransformer3DModel, extra: int) -> WanTransformer3DModel:
+    """``wan`` with ``extra`` more blocks after its last: copies of the last block with the output projections of
+    its three residual branches zeroed, so the new model computes exactly what ``wan`` does until training moves
+    them (their inputs and gradients are the trained block's, not random)."""
+    if extra < 0:
+        raise ValueError(f"grow_layers: expected >= 0, got {extra}")
+    if extra == 0:
+        return wan
+    config = {k: v for k, v in wan.config.items() if not k.startswith("_")}
+    config["num_layers"] = wan.config.num_layers + extra
+    new = WanTransformer3DModel(**config).to(next(wan.parameters()).dtype)
+    state = wan.state_dict()
+    last = wan.config.num_layers - 1
+    for i in range(wan.config.num_layers, config["num_layers"]):
+        for name, value in wan.blocks[last].state_dict().items():
+            zero = name.startswith(IDENTITY_ZEROED)
+            state[f"blocks.{i}.{name}"] = torch.zeros_like(value) if zero else value.clone()
+    new.load_state_dict(state, strict=True)
+    return new
+
+
 def build_models(cfg: DiTTrainConfig, vae: AutoencoderKLWan, vocab_size: int):
     if cfg.init is not None:
         trained, _ = load_trained_for(cfg.init)
@@ -452,7 +484,7 @@ def build_models(cfg: DiTTrainConfig, vae: AutoencoderKLWan, vocab_size: int):
             raise ValueError(f"init: {cfg.init!r} does not fit this VAE's latents or this tokenizer")
         if cfg.patch is not None and cfg.patch != wan.config.patch_size[-1]:
             wan = repatch(wan, cfg.patch)
-        return wan.float(), text_encoder.float()
+        return grow_blocks(wan, cfg.grow_layers).float(), text_encoder.float()
     text_encoder = UMT5EncoderModel(
         UMT5Config(**text_encoder_config(vocab_size, d_model=cfg.text_dim, layers=cfg.text_layers))
     )
@@ -487,6 +519,12 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         raise ValueError(f"fg_weight: expected >= 0, got {cfg.fg_weight}")
     if cfg.sink_weight <= 0:
         raise ValueError(f"sink_weight: expected > 0, got {cfg.sink_weight}")
+    if cfg.grow_layers and cfg.init is None:
+        raise ValueError("grow_layers: grows an init's transformer; pass init")
+    if not 0.0 <= cfg.single_share <= 1.0:
+        raise ValueError(f"single_share: expected a share in [0, 1], got {cfg.single_share}")
+    if cfg.single_share and cfg.pair_weight > 0:
+        raise ValueError("single_share: not with shape pairs (pair_weight > 0)")
     paired = cfg.pair_weight > 0
     if paired and cfg.batch % 2:
         raise ValueError(f"batch: expected an even batch for shape pairs (pair_weight > 0), got {cfg.batch}")
@@ -510,6 +548,7 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
             workers=cfg.workers,
             shape_pairs=paired,
             foreground=cfg.fg_weight > 0,
+            single_share=cfg.single_share,
         )
     if paired and not streams.paired:
         raise ValueError("pair_weight > 0 needs streams rendered as shape pairs (encode_streams(shape_pairs=True))")
@@ -693,7 +732,7 @@ def parse_args(argv: list[str] | None = None) -> DiTTrainConfig:
             continue
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
-        if field.name in ("steps", "threads", "patch"):
+        if field.name in ("steps", "threads", "patch", "grow_layers"):
             parser.add_argument(flag, type=int, default=None)
         elif isinstance(value, bool):
             parser.add_argument(flag, action="store_true")
