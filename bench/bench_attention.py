@@ -52,11 +52,20 @@ TMA_CONFIGS = [(128, 128, 8, 3, "tma"), (128, 128, 8, 4, "tma"), (128, 64, 4, 3,
 # "splitN": split-K over N programs per query tile (more programs: 37 query tiles x 12 heads = 444 fill 3.4 waves of an
 # H200's 132 SMs, so the 4th wave runs a third full); "tma+split2": both.
 SPLIT_CONFIGS = [(128, 128, 8, 3, "split2"), (128, 128, 8, 3, "split3"), (128, 128, 8, 3, "tma+split2")]
+# "ws": Triton warp-specialises the key loop (tl.range(..., warp_specialize=True); Triton 3.6 has a Hopper pass).
+WS_CONFIGS = [
+    (128, 128, 8, 3, "ws"),
+    (128, 128, 8, 3, "tma+ws"),
+    (128, 128, 4, 3, "tma+ws"),
+    (128, 128, 8, 2, "tma+ws"),
+    (128, 64, 4, 3, "tma+ws"),
+]
 CONFIG_SETS = {
-    "all": POINTER_CONFIGS + TMA_CONFIGS + SPLIT_CONFIGS,
+    "all": POINTER_CONFIGS + TMA_CONFIGS + SPLIT_CONFIGS + WS_CONFIGS,
     "pointer": POINTER_CONFIGS,
     "tma": [None, *TMA_CONFIGS],
     "split": [None, *SPLIT_CONFIGS],
+    "ws": [None, (128, 128, 8, 3, "tma"), *WS_CONFIGS],
 }
 MAX_REL_ERR = 2e-2  # bf16 operands against an fp32 reference: expect a few 1e-3
 
@@ -146,6 +155,7 @@ def run_model(name: str, heads: int, table_dense, table_radial, configs: list) -
             if config is not None and len(config) > 4:
                 marks = config[4].split("+")
                 kwargs["tma"] = "tma" in marks
+                kwargs["warp_specialize"] = "ws" in marks
                 for mark in marks:
                     if mark.startswith("split"):
                         kwargs["splits"] = int(mark.removeprefix("split"))

@@ -13,6 +13,7 @@
 #   decoder    bench_latent_decoder.py: Wan VAE (eager, channels-last, compiled) vs TAEHV per latent frame, 480x832
 #   attention  bench_attention.py: kernels beside SDPA flash/cuDNN at the 1.3B and 14B shapes
 #   attention_split  the same with only the default and the split-K configs (block_sparse_attention(splits=N))
+#   attention_ws  the same with the warp-specialised key loop (block_sparse_attention(warp_specialize=True)), into OUT/ws
 #   attention_split_v2v  the split-K configs at the v2v shape (1 chunk frame against 3 sink + 2 window: 1,560 x 9,360,
 #              a grid of 156 programs at 12 heads, about 1.2 waves of an H200), into OUT/v2v
 #   14b        bench_stream.py 14B t2v + v2v (sdpa, compiled blocks, fewer chunks)
@@ -63,6 +64,7 @@ for part in $parts; do
   attention_split_v2v) timeout 150 python3 bench/bench_attention.py --configs split --sink 3 --window 2 --chunk 1 \
                          --out "$out/v2v" 2>&1 | tail -12 ;;
   attention_split) timeout 150 python3 bench/bench_attention.py --configs split --out "$out" 2>&1 | tail -12 ;;
+  attention_ws) timeout 200 python3 bench/bench_attention.py --configs ws --out "$out/ws" 2>&1 | tail -12 ;;
   14b) timeout 210 python3 bench/bench_stream.py --model 14b --attention sdpa --compile blocks --chunks 4 --warmup 3 \
          --out "$out" 2>&1 | tail -4 ;;
   ahead) timeout 400 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 6 --compile \

@@ -182,6 +182,16 @@ def test_tma_loads_match_reference(dtype):
     check_against_reference(q, k, v, random_table(1, 2, 45, 70, 32, 64, density=0.6, seed=2), tma=True, block_n=16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_warp_specialized_loop_matches_reference(dtype):
+    """``warp_specialize`` only annotates the key loop for the compiler: same results, dense and sparse, with and
+    without TMA, short last key block included."""
+    q, k, v = make_qkv(2, 72, 150, 2, 32, dtype, seed=6)
+    check_against_reference(q, k, v, dense_block_table(72, 150, 32, 32, device=DEVICE), warp_specialize=True)
+    table = random_table(2, 2, 72, 150, 16, 32, density=0.4, seed=3)
+    check_against_reference(q, k, v, table, warp_specialize=True, tma=True)
+
+
 def test_tma_falls_back_where_the_layout_forbids_it():
     """A head dim of 40 (not a power of two) takes the pointer loads and still matches."""
     q, k, v = make_qkv(1, 40, 72, 1, 40, torch.float16, seed=5)

@@ -74,12 +74,13 @@ def _attend_key_tiles(
     USE_TMA: tl.constexpr,
     DENSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_start, tile_stop) of one table row."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    for t in range(tile_start, tile_stop):
+    for t in tl.range(tile_start, tile_stop, warp_specialize=WARP_SPEC):
         # Tile t is sub-tile (t % SUB_N) of the (t // SUB_N)-th listed table block.
         if DENSE:
             kb = t // SUB_N  # every block, in order: no index load for the key loads to wait on
@@ -161,6 +162,7 @@ def _block_sparse_attn_fwd_kernel(
     USE_TMA: tl.constexpr,
     DENSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -220,13 +222,13 @@ def _block_sparse_attn_fwd_kernel(
     acc, m_i, l_i = _attend_key_tiles(
         acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, first, tl.minimum(last, n_full * SUB_N), k_len,
         stride_kn, stride_vn, qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, False, EVEN_D, USE_TMA, DENSE,
-        DOT_PRECISION,
+        DOT_PRECISION, WARP_SPEC,
     )  # fmt: skip
     if not EVEN_N:
         acc, m_i, l_i = _attend_key_tiles(
             acc, m_i, l_i, q, k_head, v_head, k_desc, v_desc, idx_row, tl.maximum(first, n_full * SUB_N), last,
             k_len, stride_kn, stride_vn, qk_scale, TABLE_N, SUB_N, BLOCK_N, BLOCK_D, D, True, EVEN_D, USE_TMA, DENSE,
-            DOT_PRECISION,
+            DOT_PRECISION, False,
         )  # fmt: skip
 
     # Empty rows (no listed block) have l = 0: out = 0 and lse = -inf by convention.
@@ -319,6 +321,7 @@ def block_sparse_attention(
     num_stages: int | None = None,
     tma: bool = False,
     splits: int = 1,
+    warp_specialize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the key blocks ``table`` lists, one pass, no score matrix in memory.
 
@@ -337,6 +340,10 @@ def block_sparse_attention(
         splits: split-K, the key tiles of each table row shared out among this many programs, whose fp32 partial
             results are then merged exactly by their log-sum-exps (:func:`merge_partials`). It adds programs where
             the grid (query tiles x batch x heads) leaves the GPU's last wave mostly idle.
+        warp_specialize: ask Triton to warp-specialise the main key loop (``tl.range(..., warp_specialize=True)``:
+            loads, matmuls and the softmax in separate warp partitions; Triton 3.6 has a Hopper pass for it). An
+            experiment for the GPU benchmark (``bench/bench_attention.py --configs ws``), off by default; the short
+            masked last tile always runs in the plain loop.
 
     Returns:
         ``out [B, Lq, H, D]`` in ``q``'s dtype and ``lse [B, H, Lq]`` fp32 (natural log of the softmax
@@ -405,6 +412,7 @@ def block_sparse_attention(
         DENSE=table.dense,
         # Triton's fp32 dot defaults to tf32; fp32 inputs exist for exactness (references, tiny models).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        WARP_SPEC=bool(warp_specialize),
         num_warps=default_warps if num_warps is None else num_warps,
         num_stages=default_stages if num_stages is None else num_stages,
     )  # fmt: skip
