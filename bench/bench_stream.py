@@ -244,6 +244,11 @@ def main() -> None:
     ap.add_argument(
         "--profile", action="store_true", help="also profile one steady-state chunk: the top CUDA kernels to --out"
     )
+    ap.add_argument(
+        "--ffn-epilogue",
+        action="store_true",
+        help="the feed-forward's GELU inside its first matmul (cuBLASLt epilogue; transformer.ffn_forward)",
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, measures nothing real")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -256,9 +261,11 @@ def main() -> None:
     if args.vae_channels_last:
         conv_weights_channels_last(pipe.vae)
     if args.compile == "all":
-        pipe.compile()
+        pipe.compile(ffn_epilogue=args.ffn_epilogue)
     elif args.compile == "blocks":
-        pipe.net.compile_blocks()
+        pipe.net.compile_blocks(ffn_epilogue=args.ffn_epilogue)
+    elif args.ffn_epilogue:
+        pipe.net.compile_blocks(False, ffn_epilogue=True)
     if args.cuda_graphs:
         pipe.enable_cuda_graphs()
     base = {"attention_backend": args.attention, "early_first_frame": args.early_first_frame}
@@ -298,6 +305,7 @@ def main() -> None:
         "cuda_graphs": args.cuda_graphs,
         "cudnn_benchmark": args.cudnn_benchmark,
         "vae_channels_last": args.vae_channels_last,
+        "ffn_epilogue": args.ffn_epilogue,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -309,6 +317,7 @@ def main() -> None:
         args.cudnn_benchmark
     ]
     ahead += "_vaecl" if args.vae_channels_last else ""
+    ahead += "_ffnepilogue" if args.ffn_epilogue else ""
     stem = f"stream_{meta['model']}_{args.attention}{decoder}{batch}{compiled}{ahead}_{meta['date']}"
     for name, table in profiles.items():
         (out / f"profile_{stem}_{name}.txt").write_text(table + "\n")

@@ -27,6 +27,7 @@
 #   peer       the peer (StreamDiffusionV2 from PyPI) in the same session, for ratios, and its peak memory
 #   memory     probe_memory.py: where a stream's memory goes (eager, then compiled + CUDA graphs), allocation sites
 #   ffn_gelu   probe_ffn_gelu.py: the Wan FFN with cuBLASLt's GELU epilogue against eager / compiled
+#   ffn_epilogue  bench_stream.py 1.3B t2v compiled + CUDA graphs, without then with --ffn-epilogue (same call)
 set -u
 out=${1:-bench/results}
 shift || true
@@ -78,6 +79,10 @@ for part in $parts; do
                   --cuda-graphs --early-first-frame --cudnn-benchmark both --out "$out" 2>&1 | tail -7 ;;
   graphs_cl) timeout 300 python3 bench/bench_stream.py --attention sdpa --chunks 8 --warmup 4 --compile \
                --cuda-graphs --early-first-frame --cudnn-benchmark both --vae-channels-last --out "$out" 2>&1 | tail -7 ;;
+  ffn_epilogue) for flag in "" "--ffn-epilogue"; do
+                  timeout 240 python3 bench/bench_stream.py --attention sdpa --configs t2v --chunks 8 --warmup 4 \
+                    --compile --cuda-graphs --early-first-frame --vae-channels-last $flag --out "$out" 2>&1 | tail -3
+                done ;;
   pacing_graphs) timeout 300 python3 bench/bench_pacing.py --model random-1.3b --device cuda --compile --cuda-graphs \
                    --seconds 20 --out "$out" 2>&1 | tail -4 ;;
   pacing) timeout 300 python3 bench/bench_pacing.py --model random-1.3b --device cuda --compile --seconds 20 \

@@ -137,3 +137,25 @@ def test_warm_up_builds_every_graph_a_default_session_needs():
     finally:
         pipe.compile(False)
     assert built > 0 and len(counting.graphs) == built
+
+
+def test_ffn_epilogue_option_is_wired_and_falls_back_off_cuda():
+    """``ffn_epilogue`` reaches the block (compiled and eager); off CUDA it runs the module as is, since PyTorch's CPU
+    ``_addmm_activation`` computes the exact GELU, not Wan's tanh form (tests/test_gpu.py checks the CUDA path)."""
+    from stream_runtime.pipelines.wan.transformer import ffn_forward
+
+    torch._dynamo.reset()
+    net = tiny_net()
+    ffn = net.wan.blocks[0].ffn
+    h = torch.randn(2, 6, ffn.net[0].proj.in_features)
+    torch.testing.assert_close(ffn_forward(ffn, h, epilogue=True), ffn(h), rtol=0, atol=0)
+    eager = stream(net)
+    try:
+        net.compile_blocks(backend="aot_eager", ffn_epilogue=True)
+        compiled = stream(net)
+        net.compile_blocks(False, ffn_epilogue=True)
+        uncompiled = stream(net)
+    finally:
+        net.compile_blocks(False)
+    assert_close(compiled, eager, scale=10)
+    torch.testing.assert_close(uncompiled, eager, rtol=0, atol=0)

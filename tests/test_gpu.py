@@ -78,6 +78,19 @@ def test_radial_with_exact_reuse_matches_radial_in_bf16():
 
 
 @torch.no_grad()
+def test_ffn_gelu_epilogue_matches_the_module_in_bf16():
+    """cuBLASLt's GELU epilogue computes Wan's tanh-GELU: the compiled stream with it matches the eager stream."""
+    net = net_on(torch.bfloat16)
+    ref = run_stream(net, "sdpa")[0]
+    net.compile_blocks(ffn_epilogue=True)
+    try:
+        got = run_stream(net, "sdpa")[0]
+    finally:
+        net.compile_blocks(False)
+    assert_close(got, ref, dtype=torch.bfloat16, scale=5)
+
+
+@torch.no_grad()
 def test_session_on_gpu_bf16():
     from stream_runtime import StreamPipeline
 

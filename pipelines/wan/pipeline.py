@@ -144,20 +144,23 @@ class StreamPipeline:
 
     # -- speed
 
-    def compile(self, enabled: bool = True, backend="inductor", mode: str | None = None) -> None:
+    def compile(
+        self, enabled: bool = True, backend="inductor", mode: str | None = None, ffn_epilogue: bool = False
+    ) -> None:
         """``torch.compile`` the streaming hot path: the transformer blocks' halves around self-attention and RoPE
         (:meth:`StreamingWanTransformer.compile_blocks`) and the Wan VAE's encoder and decoder (each latent frame is
         one pass; the causal-conv cache gives three static variants: first, second and later frames). On CUDA the
         VAE's conv weights also go channels-last (:func:`conv_weights_channels_last`: no layout transposes around
         cuDNN's convolutions). ``enabled=False`` restores eager. The first chunks of each new shape pay the compile
-        time.
+        time. ``ffn_epilogue``: the feed-forward's GELU inside its first matmul on CUDA (an option under
+        measurement, see :func:`~stream_runtime.pipelines.wan.transformer.ffn_forward`).
 
         Example::
 
             pipe = StreamPipeline.from_pretrained(path).to("cuda")
             pipe.compile()  # then warm it up with one short session before serving
         """
-        self.net.compile_blocks(enabled, backend=backend, mode=mode)
+        self.net.compile_blocks(enabled, backend=backend, mode=mode, ffn_epilogue=ffn_epilogue)
         self._compiled = enabled
         self._route_vae_convs()
         if self.device.type == "cuda":

@@ -15,9 +15,11 @@ code itself is checked against diffusers' ``WanTransformer3DModel.forward`` in t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from torch import nn
 
@@ -164,8 +166,13 @@ class StreamingWanTransformer(nn.Module):
     def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return self._regions.rope(x, cos, sin)
 
-    def compile_blocks(self, enabled: bool = True, backend="inductor", mode: str | None = None) -> None:
+    def compile_blocks(
+        self, enabled: bool = True, backend="inductor", mode: str | None = None, ffn_epilogue: bool = False
+    ) -> None:
         """Run the block halves and RoPE through ``torch.compile`` (``enabled=False`` restores eager).
+
+        ``ffn_epilogue``: the feed-forward's GELU inside its first matmul on CUDA (:func:`ffn_forward`), compiled or
+        eager; an option the GPU benchmark measures (`bench_stream.py --ffn-epilogue`), off by default.
 
         Shapes are static (one graph per chunk shape and batch size; every block shares it), so the first chunks
         of a new shape pay the compile time. Output equals eager up to floating-point reassociation.
@@ -175,7 +182,10 @@ class StreamingWanTransformer(nn.Module):
             pipe.net.compile_blocks()                  # inductor (GPU); on CPU it needs a C++ compiler
             pipe.net.compile_blocks(backend="aot_eager")  # trace only, no code generation
         """
-        self._regions = _Regions.compiled(backend, mode) if enabled else _Regions()
+        if enabled:
+            self._regions = _Regions.compiled(backend, mode, ffn_epilogue)
+        else:
+            self._regions = _Regions.eager(ffn_epilogue)
 
     def _head(self, x: torch.Tensor, temb: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         b, frames, h, w = shape
@@ -488,11 +498,32 @@ def block_pre_attention(block, x: torch.Tensor, frames: int, mod: torch.Tensor, 
     return _heads(attn.norm_q(q), heads), _heads(attn.norm_k(k), heads), _heads(v, heads)
 
 
+def ffn_forward(ffn, h: torch.Tensor, epilogue: bool = False) -> torch.Tensor:
+    """Wan's feed-forward (linear, tanh-GELU, linear) on ``h [B, L, dim]``.
+
+    ``epilogue``: on CUDA, the GELU runs inside the first matmul's epilogue (``torch._addmm_activation(...,
+    use_gelu=True)``, cuBLASLt's tanh-GELU), so the ``[L, ffn_dim]`` intermediate is written once and never re-read
+    by a separate GELU kernel (`bench/probe_ffn_gelu.py`). Elsewhere, or for another activation, the module as is
+    (PyTorch's CPU ``_addmm_activation`` computes the exact GELU, not Wan's tanh form)."""
+    up, down = ffn.net[0], ffn.net[2]
+    if not (epilogue and h.is_cuda and getattr(up, "approximate", None) == "tanh" and up.proj.bias is not None):
+        return ffn(h)
+    hidden = torch._addmm_activation(up.proj.bias, h.flatten(0, -2), up.proj.weight.t(), use_gelu=True)
+    return F.linear(hidden, down.weight, down.bias).view(*h.shape[:-1], -1)
+
+
 def block_post_attention(
-    block, x: torch.Tensor, y: torch.Tensor, frames: int, mod: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
+    block,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    frames: int,
+    mod: torch.Tensor,
+    text_k: torch.Tensor,
+    text_v: torch.Tensor,
+    ffn_epilogue: bool = False,
 ) -> torch.Tensor:
     """The rest of one Wan block after self-attention ``y [B, L, H, D]``: gated residual, cross-attention to the
-    prompt K/V ``[B, Lt, H, D]``, modulated feed-forward."""
+    prompt K/V ``[B, Lt, H, D]``, modulated feed-forward (``ffn_epilogue``: see :func:`ffn_forward`)."""
     b, length, dim = x.shape
     per_frame = (b, frames, length // frames, dim)
     _, _, gate, c_shift, c_scale, c_gate = _modulation(block, mod)
@@ -506,7 +537,7 @@ def block_post_attention(
     x = x + attn.to_out[0](y)
     # feed-forward
     h = _modulated(block.norm3, x, c_scale, c_shift, per_frame)
-    return _gated(x, block.ffn(h), c_gate, per_frame)
+    return _gated(x, ffn_forward(block.ffn, h, ffn_epilogue), c_gate, per_frame)
 
 
 class _Regions:
@@ -516,13 +547,19 @@ class _Regions:
         self.pre, self.post, self.rope = pre, post, rope
 
     @classmethod
-    def compiled(cls, backend, mode: str | None) -> _Regions:
+    def eager(cls, ffn_epilogue: bool = False) -> _Regions:
+        post = functools.partial(block_post_attention, ffn_epilogue=True) if ffn_epilogue else block_post_attention
+        return cls(post=post)
+
+    @classmethod
+    def compiled(cls, backend, mode: str | None, ffn_epilogue: bool = False) -> _Regions:
         # 30-40 blocks share each graph; the limit only has to cover the distinct chunk shapes and batch sizes.
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         wrap = lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False)  # noqa: E731
-        return cls(wrap(block_pre_attention), wrap(block_post_attention), wrap(apply_rope))
+        post = functools.partial(block_post_attention, ffn_epilogue=True) if ffn_epilogue else block_post_attention
+        return cls(wrap(block_pre_attention), wrap(post), wrap(apply_rope))
 
 
 def block_causal_mask(
