@@ -494,7 +494,27 @@ def test_shape_probe_scores_predictions_by_the_siblings_difference(tmp_path):
     )  # fmt: skip
     assert [r["level"] for r in result["levels"]] == [1.0, 0.5]
     assert all(len(r["per_frame"]) == result["frames"] and r["first_frame"] <= 1.0 for r in result["levels"])
+    assert all(r["words_first_frame"] > 0 for r in result["levels"])
     assert json.loads((tmp_path / "probe.json").read_text())["pairs"] == 2
+    # a model whose cross-attention adds nothing cannot be moved by the words
+    deaf = tmp_path / "deaf"
+    StreamPipeline.from_pretrained(model.shipped_model_path()).save_pretrained(deaf)
+    wan = WanTransformer3DModel.from_pretrained(deaf / "transformer")
+    with torch.no_grad():
+        for block in wan.blocks:
+            block.attn2.to_out[0].weight.zero_()
+            block.attn2.to_out[0].bias.zero_()
+    wan.save_pretrained(deaf / "transformer")
+    result = shape_probe.probe(deaf, pairs=2, levels=(0.5,))
+    assert result["levels"][0]["words_first_frame"] == 0.0
+    colour = shape_probe.probe(model.shipped_model_path(), pairs=2, levels=(0.75,), attribute="colour")
+    assert colour["attribute"] == "colour" and colour["levels"][0]["words_first_frame"] > 0.1
+    spec = sample_spec(3)
+    rotated = train_data.colours_rotated(spec, 1)
+    assert [s.colour for s in rotated.shapes] != [s.colour for s in spec.shapes]
+    assert [s.shape for s in rotated.shapes] == [s.shape for s in spec.shapes]
+    with pytest.raises(ValueError, match="attribute"):
+        shape_probe.probe(deaf, pairs=2, attribute="size")
 
 
 def test_compiled_training_passes_match_eager(tmp_path, first_vae):

@@ -24,7 +24,7 @@ from diffusers import AutoencoderKLWan
 from stream_runtime.pipelines.wan.vae_stream import StreamingVAEEncoder
 
 from .model import NATIVE_SIZE, frames_to_pixels
-from .spec import SHAPES, SceneSpec
+from .spec import SHAPE_COLOURS, SHAPES, SceneSpec
 from .world import (
     HELD_OUT_COUNT,
     background_frame,
@@ -162,6 +162,14 @@ def shapes_rotated(spec: SceneSpec, k: int) -> SceneSpec:
     for ``k = 1``), all else equal: colours, sizes, motions, positions, speeds and background. The shapes have
     equal areas at one size, so the two clips differ only along the objects' outlines."""
     shapes = tuple(dataclasses.replace(s, shape=SHAPES[(SHAPES.index(s.shape) + k) % len(SHAPES)]) for s in spec.shapes)
+    return SceneSpec(shapes, spec.background)
+
+
+def colours_rotated(spec: SceneSpec, k: int) -> SceneSpec:
+    """``spec`` with every object's colour moved ``k`` places along the shape colours (a cyclic shift, so the scene's
+    colours stay distinct), all else equal: the colour counterpart of :func:`shapes_rotated`, for probes."""
+    names = list(SHAPE_COLOURS)
+    shapes = tuple(dataclasses.replace(s, colour=names[(names.index(s.colour) + k) % len(names)]) for s in spec.shapes)
     return SceneSpec(shapes, spec.background)
 
 
