@@ -16,6 +16,7 @@ from stream_runtime.pipelines.tinyworld import eval_model, export, model, shape_
 from stream_runtime.pipelines.tinyworld.spec import SHAPES
 from stream_runtime.pipelines.tinyworld.train_data import ClipDataset, pool_batch, render_pool
 from stream_runtime.pipelines.tinyworld.world import caption, sample_spec
+from stream_runtime.pipelines.wan import sampling
 from stream_runtime.pipelines.wan.transformer import StreamingWanTransformer
 
 SIZE = 32  # smallest square the transformer's 16-pixel patches tile twice
@@ -657,3 +658,32 @@ def test_single_share_renders_one_object_scenes_first():
     assert [c.count(" and a ") for c in streams.captions[:2]] == [0, 0]
     with pytest.raises(ValueError, match="single_share"):
         train_data.encode_streams(vae, 4, 2, SIZE, single_share=1.5)
+
+
+def test_swapped_outlines_keep_the_flow_to_the_own_clean_frame(tmp_path, first_vae):
+    """``swap_prob``: the sink frames of swapped pairs are noised from the sibling (only at levels >= the minimum),
+    and every target still leads from its noisy input to the row's own clean frame: x_t - level * target = x0."""
+    g = torch.Generator().manual_seed(0)
+    b, frames = 4, model.stream_sequence_frames(model.STREAM)
+    x0 = torch.randn(b, 4, frames, 2, 2, generator=g)
+    noise = torch.randn(b // 2, 4, frames, 2, 2, generator=g).repeat(2, 1, 1, 1, 1)
+    level = torch.tensor([0.9, 0.3]).repeat(2)[:, None, None, None, None].expand(b, 1, frames, 1, 1)
+    x_t = sampling.add_noise(x0, noise, level)
+    cfg = train_dit.DiTTrainConfig(vae="", out="", swap_prob=1.0, swap_min_level=0.5)
+    got, target = train_dit.swap_outlines(x0, x_t, noise - x0, noise, level, cfg, model.STREAM, g)
+    torch.testing.assert_close(got - level * target, x0, atol=1e-5, rtol=1e-5)
+    sinks = model.STREAM.sink_frames
+    sibling = torch.cat([x0[2:], x0[:2]])
+    # rows 0 and 2 (level 0.9) swap their sink frames, rows 1 and 3 (level 0.3) keep them; later frames never swap
+    torch.testing.assert_close(got[[0, 2], :, :sinks], sampling.add_noise(sibling, noise, level)[[0, 2], :, :sinks])
+    torch.testing.assert_close(got[[1, 3]], x_t[[1, 3]])
+    torch.testing.assert_close(got[:, :, sinks:], x_t[:, :, sinks:])
+    log = train_dit.train(
+        train_dit.DiTTrainConfig(
+            vae=str(first_vae), out=str(tmp_path / "dit"), steps=2, batch=2, size=SIZE, clips=2, latent_frames=6,
+            swap_prob=0.5, log_every=1, **TINY_DIT,
+        )
+    )  # fmt: skip
+    assert log["steps"] == 2 and all(np.isfinite(h["loss"]) for h in log["history"])
+    with pytest.raises(ValueError, match="swap_prob"):
+        train_dit.train(train_dit.DiTTrainConfig(vae="", out=str(tmp_path / "x"), swap_prob=2.0))

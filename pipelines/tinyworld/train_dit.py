@@ -147,6 +147,15 @@ class DiTTrainConfig:
     its share of shape pixels after a 3x3 dilation (so outlines' surroundings count: two shapes of one size
     differ there), normalised by the batch's mean weight. Shapes cover a tenth of a frame, so in the plain loss
     the background's easy cells outweigh what the shape and colour words decide. 0: the plain loss."""
+    swap_prob: float = 0.0
+    """Share of shape pairs whose sink frames are noised from the sibling's clean frame instead of their own (at
+    noise levels >= ``swap_min_level``), with the flow that leads to their own clean frame as the target
+    (``(x_t - x0) / sigma``): the noisy input then shows the other shape's outline and only the caption says which
+    shape to draw. Models trained by the plain loss read the outline from the noisy input and ignore the shape
+    words (``shape_probe``'s words figure: 1-4 %). > 0 renders the data as shape pairs (as ``pair_weight``) and
+    needs an even ``batch``."""
+    swap_min_level: float = 0.5
+    """Lowest noise level at which ``swap_prob`` swaps (below it the outline is too clear to overrule)."""
     sink_weight: float = 1.0
     """Weight of the sink frames' flow loss (the stream's first latent frames, drawn from the prompt alone: the
     only frames that cannot copy their shapes and colours from the context, so the only ones where the model must
@@ -286,6 +295,8 @@ def flow_loss(
     target = noise - x0
     if cfg.objective == "teacher":
         x_t = sampling.add_noise(x0, noise, per_frame(sigma))
+        if paired and cfg.swap_prob > 0:
+            x_t, target = swap_outlines(x0, x_t, target, noise, per_frame(sigma), cfg, stream, generator)
         x_ctx = sampling.add_noise(x0, randn(), per_frame(context_sigma))
         if cfg.self_context_prob > 0:
             own = self_estimates(net, x0, text_kv, stream, cfg.self_context_noise, generator)
@@ -323,6 +334,31 @@ def flow_loss(
         parts["pair"] = pair.detach()
         loss = loss + cfg.pair_weight * pair
     return loss, parts
+
+
+def swap_outlines(
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    target: torch.Tensor,
+    noise: torch.Tensor,
+    level: torch.Tensor,
+    cfg: DiTTrainConfig,
+    stream: StreamConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, target)`` of a paired batch ``[first halves | siblings]`` with the sink frames of a ``cfg.swap_prob``
+    share of pairs (both siblings) noised from the sibling's clean frame, where the frame's noise ``level``
+    (``[B, 1, T, 1, 1]``) is at least ``cfg.swap_min_level``; their target is the flow to their own clean frame,
+    ``(x_t - x0) / level`` (for an unswapped frame that is ``noise - x0``). See ``DiTTrainConfig.swap_prob``."""
+    b, frames = x0.shape[0], x0.shape[2]
+    half = b // 2
+    sibling = torch.cat([x0[half:], x0[:half]])
+    rows = twin_draw(torch.rand(half, generator=generator) < cfg.swap_prob, True).to(x0.device)
+    sinks = torch.arange(frames, device=x0.device) < stream.sink_frames
+    use = rows[:, None, None, None, None] & sinks[None, None, :, None, None] & (level >= cfg.swap_min_level)
+    x_t = torch.where(use, sampling.add_noise(sibling, noise, level), x_t)
+    target = torch.where(use, (x_t.float() - x0.float()) / level.clamp_min(1e-6), target)
+    return x_t, target
 
 
 def twin_draw(v: torch.Tensor | None, paired: bool) -> torch.Tensor | None:
@@ -523,11 +559,17 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
         raise ValueError("grow_layers: grows an init's transformer; pass init")
     if not 0.0 <= cfg.single_share <= 1.0:
         raise ValueError(f"single_share: expected a share in [0, 1], got {cfg.single_share}")
-    if cfg.single_share and cfg.pair_weight > 0:
-        raise ValueError("single_share: not with shape pairs (pair_weight > 0)")
-    paired = cfg.pair_weight > 0
+    if cfg.single_share and (cfg.pair_weight > 0 or cfg.swap_prob > 0):
+        raise ValueError("single_share: not with shape pairs (pair_weight or swap_prob > 0)")
+    if not 0.0 <= cfg.swap_prob <= 1.0 or not 0.0 < cfg.swap_min_level <= 1.0:
+        raise ValueError(
+            f"swap_prob / swap_min_level: expected [0, 1] / (0, 1], got {cfg.swap_prob} / {cfg.swap_min_level}"
+        )
+    if cfg.swap_prob > 0 and cfg.objective != "teacher":
+        raise ValueError("swap_prob: only with the teacher objective")
+    paired = cfg.pair_weight > 0 or cfg.swap_prob > 0
     if paired and cfg.batch % 2:
-        raise ValueError(f"batch: expected an even batch for shape pairs (pair_weight > 0), got {cfg.batch}")
+        raise ValueError(f"batch: expected an even batch for shape pairs (pair_weight, swap_prob), got {cfg.batch}")
     stream = cfg.stream()
     check_stream_layout(stream)
     if cfg.threads is not None:
@@ -551,7 +593,7 @@ def train(cfg: DiTTrainConfig, streams: LatentStreams | None = None) -> dict:
             single_share=cfg.single_share,
         )
     if paired and not streams.paired:
-        raise ValueError("pair_weight > 0 needs streams rendered as shape pairs (encode_streams(shape_pairs=True))")
+        raise ValueError("pair_weight, swap_prob > 0: need streams of shape pairs (encode_streams(shape_pairs=True))")
     if cfg.fg_weight > 0 and streams.foreground is None:
         raise ValueError("fg_weight > 0 needs the streams' foreground shares (encode_streams(foreground=True))")
     latents = streams.latents.to(device)
