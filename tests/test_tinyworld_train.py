@@ -687,3 +687,17 @@ def test_swapped_outlines_keep_the_flow_to_the_own_clean_frame(tmp_path, first_v
     assert log["steps"] == 2 and all(np.isfinite(h["loss"]) for h in log["history"])
     with pytest.raises(ValueError, match="swap_prob"):
         train_dit.train(train_dit.DiTTrainConfig(vae="", out=str(tmp_path / "x"), swap_prob=2.0))
+
+
+def test_command_line_defaults_are_the_configs():
+    """Every option of ``train_dit``'s command line defaults to the dataclass default (an int option that parsed
+    to None once crashed a run), and the new options parse."""
+    parsed = train_dit.parse_args(["--vae", "v", "--out", "o"])
+    assert parsed == train_dit.DiTTrainConfig(vae="v", out="o")
+    parsed = train_dit.parse_args(
+        ["--vae", "v", "--out", "o", "--grow-layers", "3", "--swap-prob", "0.5", "--fg-weight", "4",
+         "--sink-weight", "2", "--single-share", "0.25"]
+    )  # fmt: skip
+    assert (parsed.grow_layers, parsed.swap_prob, parsed.fg_weight, parsed.sink_weight, parsed.single_share) == (
+        3, 0.5, 4.0, 2.0, 0.25,
+    )  # fmt: skip

@@ -774,7 +774,7 @@ def parse_args(argv: list[str] | None = None) -> DiTTrainConfig:
             continue
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
-        if field.name in ("steps", "threads", "patch", "grow_layers"):
+        if field.name in ("steps", "threads", "patch"):
             parser.add_argument(flag, type=int, default=None)
         elif isinstance(value, bool):
             parser.add_argument(flag, action="store_true")
