@@ -48,6 +48,67 @@ def _load_tile(ptrs, desc, row, mask_n, mask_d, MASK_N: tl.constexpr, EVEN_D: tl
 
 
 @triton.jit
+def _attend_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    t,
+    k_head,
+    v_head,
+    k_desc,
+    v_desc,
+    idx_row,
+    k_len,
+    stride_kn,
+    stride_vn,
+    qk_scale,
+    offs_n,
+    offs_d,
+    mask_d,
+    TABLE_N: tl.constexpr,
+    SUB_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DENSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, m_i, l_i) by key tile ``t`` of one table row."""
+    # Tile t is sub-tile (t % SUB_N) of the (t // SUB_N)-th listed table block.
+    if DENSE:
+        kb = t // SUB_N  # every block, in order: no index load for the key loads to wait on
+    else:
+        kb = tl.load(idx_row + t // SUB_N)
+    offs_kn = kb * TABLE_N + (t % SUB_N) * BLOCK_N + offs_n
+    k_ptrs = k_head + offs_kn[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_head + offs_kn[:, None] * stride_vn + offs_d[None, :]
+    row = kb * TABLE_N + (t % SUB_N) * BLOCK_N
+    mask_n = offs_kn < k_len
+    k = _load_tile(k_ptrs, k_desc, row, mask_n, mask_d, MASK_N, EVEN_D, USE_TMA)
+    # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N]; scores in log2 units (qk_scale folds in log2 e)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASK_N:
+        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen only masked keys keeps m = -inf; shifting it by 0 keeps every weight 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+    else:
+        # An unmasked tile gives every row a finite maximum; scale and shift fuse into one multiply-add.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_shift = m_new
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(v_ptrs, v_desc, row, mask_n, mask_d, MASK_N, EVEN_D, USE_TMA)
+    # [BLOCK_M, BLOCK_N] @ [BLOCK_N, BLOCK_D] -> [BLOCK_M, BLOCK_D]
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend_key_tiles(
     acc,
     m_i,
@@ -76,41 +137,23 @@ def _attend_key_tiles(
     DOT_PRECISION: tl.constexpr,
     WARP_SPEC: tl.constexpr,
 ):
-    """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_start, tile_stop) of one table row."""
+    """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_start, tile_stop) of one table row.
+    ``WARP_SPEC``: the loop as ``tl.range(..., warp_specialize=True)``; otherwise the plain loop as before."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    for t in tl.range(tile_start, tile_stop, warp_specialize=WARP_SPEC):
-        # Tile t is sub-tile (t % SUB_N) of the (t // SUB_N)-th listed table block.
-        if DENSE:
-            kb = t // SUB_N  # every block, in order: no index load for the key loads to wait on
-        else:
-            kb = tl.load(idx_row + t // SUB_N)
-        offs_kn = kb * TABLE_N + (t % SUB_N) * BLOCK_N + offs_n
-        k_ptrs = k_head + offs_kn[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = v_head + offs_kn[:, None] * stride_vn + offs_d[None, :]
-        row = kb * TABLE_N + (t % SUB_N) * BLOCK_N
-        mask_n = offs_kn < k_len
-        k = _load_tile(k_ptrs, k_desc, row, mask_n, mask_d, MASK_N, EVEN_D, USE_TMA)
-        # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N]; scores in log2 units (qk_scale folds in log2 e)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASK_N:
-            qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row that has seen only masked keys keeps m = -inf; shifting it by 0 keeps every weight 0, not NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_shift[:, None])
-        else:
-            # An unmasked tile gives every row a finite maximum; scale and shift fuse into one multiply-add.
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_shift = m_new
-            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs, v_desc, row, mask_n, mask_d, MASK_N, EVEN_D, USE_TMA)
-        # [BLOCK_M, BLOCK_N] @ [BLOCK_N, BLOCK_D] -> [BLOCK_M, BLOCK_D]
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    if WARP_SPEC:
+        for t in tl.range(tile_start, tile_stop, warp_specialize=True):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, t, k_head, v_head, k_desc, v_desc, idx_row, k_len, stride_kn, stride_vn, qk_scale,
+                offs_n, offs_d, mask_d, TABLE_N, SUB_N, BLOCK_N, MASK_N, EVEN_D, USE_TMA, DENSE, DOT_PRECISION,
+            )  # fmt: skip
+    else:
+        for t in range(tile_start, tile_stop):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, t, k_head, v_head, k_desc, v_desc, idx_row, k_len, stride_kn, stride_vn, qk_scale,
+                offs_n, offs_d, mask_d, TABLE_N, SUB_N, BLOCK_N, MASK_N, EVEN_D, USE_TMA, DENSE, DOT_PRECISION,
+            )  # fmt: skip
     return acc, m_i, l_i
 
 
