@@ -25,6 +25,12 @@ TINY_DIT = dict(layers=1, heads=2, head_dim=8, text_dim=16, text_layers=1)
 STEPS = 6
 
 
+def short_run(out, first_vae, steps: int = 2, **options) -> dict:
+    """The log of a ``steps``-step ``train_dit`` run on two tiny streams (batch 2, logging every step)."""
+    config = dict(steps=steps, batch=2, size=SIZE, clips=2, latent_frames=6, log_every=1, **TINY_DIT)
+    return train_dit.train(train_dit.DiTTrainConfig(vae=str(first_vae), out=str(out), **{**config, **options}))
+
+
 def overfit(loss_fn, params, lr: float, steps: int = STEPS) -> list[float]:
     """Adam steps on one fixed batch (and fixed noise): the losses."""
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -420,12 +426,7 @@ def test_shape_pairs_share_their_noise_and_the_pair_term_is_their_difference():
 
 
 def test_a_paired_run_logs_its_pair_term(tmp_path, first_vae):
-    log = train_dit.train(
-        train_dit.DiTTrainConfig(
-            vae=str(first_vae), out=str(tmp_path / "dit"), steps=2, batch=2, size=SIZE, clips=2, latent_frames=6,
-            pair_weight=1.0, log_every=1, **TINY_DIT,
-        )
-    )  # fmt: skip
+    log = short_run(tmp_path / "dit", first_vae, steps=2, pair_weight=1.0)
     assert log["steps"] == 2 and all(np.isfinite(h["pair_loss"]) for h in log["history"])
     with pytest.raises(ValueError, match="even batch"):
         train_dit.train(train_dit.DiTTrainConfig(vae=str(first_vae), out=str(tmp_path / "x"), batch=3, pair_weight=1))
@@ -605,19 +606,9 @@ def test_foreground_weighted_loss_weighs_cells_and_logs_the_plain_one(tmp_path, 
         weighted, parts = loss(one_cell)
         torch.testing.assert_close(parts["plain"], plain)
         assert abs(weighted.item() - plain.item()) > 1e-4
-    log = train_dit.train(
-        train_dit.DiTTrainConfig(
-            vae=str(first_vae), out=str(tmp_path / "dit"), steps=2, batch=2, size=SIZE, clips=2, latent_frames=6,
-            fg_weight=4.0, log_every=1, **TINY_DIT,
-        )
-    )  # fmt: skip
+    log = short_run(tmp_path / "dit", first_vae, steps=2, fg_weight=4.0)
     assert log["steps"] == 2 and all(np.isfinite(h["plain_loss"]) for h in log["history"])
-    log = train_dit.train(
-        train_dit.DiTTrainConfig(
-            vae=str(first_vae), out=str(tmp_path / "sink"), steps=1, batch=2, size=SIZE, clips=2, latent_frames=6,
-            sink_weight=4.0, log_every=1, **TINY_DIT,
-        )
-    )  # fmt: skip
+    log = short_run(tmp_path / "sink", first_vae, steps=1, sink_weight=4.0)
     assert log["steps"] == 1 and np.isfinite(log["history"][0]["plain_loss"])
     with pytest.raises(ValueError, match="sink_weight"):
         train_dit.train(train_dit.DiTTrainConfig(vae=str(first_vae), out=str(tmp_path / "z"), sink_weight=0))
@@ -678,12 +669,7 @@ def test_swapped_outlines_keep_the_flow_to_the_own_clean_frame(tmp_path, first_v
     torch.testing.assert_close(got[[0, 2], :, :sinks], sampling.add_noise(sibling, noise, level)[[0, 2], :, :sinks])
     torch.testing.assert_close(got[[1, 3]], x_t[[1, 3]])
     torch.testing.assert_close(got[:, :, sinks:], x_t[:, :, sinks:])
-    log = train_dit.train(
-        train_dit.DiTTrainConfig(
-            vae=str(first_vae), out=str(tmp_path / "dit"), steps=2, batch=2, size=SIZE, clips=2, latent_frames=6,
-            swap_prob=0.5, log_every=1, **TINY_DIT,
-        )
-    )  # fmt: skip
+    log = short_run(tmp_path / "dit", first_vae, steps=2, swap_prob=0.5)
     assert log["steps"] == 2 and all(np.isfinite(h["loss"]) for h in log["history"])
     with pytest.raises(ValueError, match="swap_prob"):
         train_dit.train(train_dit.DiTTrainConfig(vae="", out=str(tmp_path / "x"), swap_prob=2.0))
